@@ -1,0 +1,5 @@
+import sys
+
+from hiera_perception.cli import main
+
+sys.exit(main())

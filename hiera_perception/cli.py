@@ -1,0 +1,55 @@
+"""The `hiera-perception` command line (also `python -m hiera_perception`).
+
+Each command lives in the module that owns its concept; that module defines
+`add_arguments(parser)` and `main(args) -> int`. Only the chosen command's module is imported, so
+`hiera-perception --help` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("hiera_perception.video", "labels (and embeddings) per clip of a video file, no ROS needed"),
+    "fetch-weights": ("hiera_perception.weights", "download an official Hiera checkpoint (CC BY-NC 4.0, opt-in)"),
+    "synth": ("hiera_perception.synth", "render the synthetic action data set"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hiera-perception", description="Hiera video action perception: models, data, ROS 2 node tools."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
