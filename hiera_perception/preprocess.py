@@ -1,0 +1,64 @@
+"""Frames to model input: resize the short side, centre crop, normalise (mean 0.45 / std 0.225).
+
+One function, `preprocess_clip`, serves the node, the CLI, evaluation and training, so the model
+always sees what it was trained on. Cropping the centred square *before* resizing is the same
+operation as "resize short side to S, centre crop S x S" (up to sub-pixel rounding of the crop
+offset) and resizes fewer pixels. `crop_resize` is exposed so the clip buffer can shrink frames as
+they arrive and store each one once, small.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+__all__ = ["crop_resize", "preprocess_clip", "MEAN", "STD"]
+
+MEAN = (0.45, 0.45, 0.45)
+STD = (0.225, 0.225, 0.225)
+
+
+def crop_resize(frame: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, 3] uint8 -> [size, size, 3] uint8: centre square of side min(H, W), resized to `size`.
+
+    INTER_AREA when shrinking (it averages, so no aliasing from a 640x480 camera down to 64 px),
+    bilinear when growing.
+    """
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"expected an [H, W, 3] frame, got shape {frame.shape}")
+    h, w = frame.shape[:2]
+    if h == size and w == size:
+        return frame
+    side = min(h, w)
+    if side < 1:
+        raise ValueError(f"empty frame of shape {frame.shape}")
+    top, left = (h - side) // 2, (w - side) // 2
+    square = frame[top : top + side, left : left + side]
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(square, (size, size), interpolation=interp)
+
+
+def preprocess_clip(
+    frames: Sequence[np.ndarray] | np.ndarray,
+    size: int,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """T RGB uint8 frames [H, W, 3] -> normalised clip [1, 3, T, size, size] on `device`.
+
+    The uint8 clip travels to the device (4x fewer bytes than float) and is normalised there.
+    """
+    clip = np.stack([crop_resize(np.asarray(f), size) for f in frames])  # [T, S, S, 3] uint8
+    x = torch.from_numpy(clip)
+    device = torch.device(device)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = x.permute(3, 0, 1, 2).unsqueeze(0).to(dtype)  # [T, S, S, 3] -> [1, 3, T, S, S]
+    m = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1, 1) * 255.0
+    s = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1, 1) * 255.0
+    return (x - m) / s
