@@ -1,0 +1,288 @@
+"""Checkpoints: official facebookresearch/hiera files in, our own files in and out, and `load_model`.
+
+Official files (`hiera_base_16x224.pth`, `mae_hiera_base_16x224.pth`, ...) hold the weights under
+`model_state`; `filter_official_state_dict` is the one place that maps their keys to ours.
+
+Our files (`.pt`, written atomically) hold everything needed to serve the model again:
+
+    {"format": "hiera_perception", "format_version": 1, "config": HieraConfig.to_dict(),
+     "model_state": state_dict, "labels": [...], "model_id": "hiera_tiny_synthetic",
+     "version": 3, "step": ..., "weights_sha256": sha256 of the serialized weights, "extra": {...}}
+
+`weights_sha256` is checked on load, so a flipped bit in a weight is an error, not a wrong answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hiera_perception.atomic import atomic_write_bytes
+from hiera_perception.config import CONFIGS, HieraConfig, config_from_dict, get_config
+from hiera_perception.model import Hiera
+
+__all__ = [
+    "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "filter_official_state_dict",
+    "official_kwargs", "load_official", "load_model", "resolve_device", "MODELS_DIR", "DEFAULT_MODEL",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "hiera_perception"
+FORMAT_VERSION = 1
+# models/ at the repo root in a checkout; share/hiera_perception/models once installed.
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = "hiera_tiny_synthetic.pt"
+_ENCODER_PREFIXES = ("patch_embed.", "pos_embed", "blocks.", "norm.", "head.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass
+class Checkpoint:
+    config: HieraConfig
+    model_state: dict[str, torch.Tensor]
+    labels: list[str] = field(default_factory=list)
+    model_id: str = ""
+    version: int = 0
+    step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of the weights, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    labels: list[str] | None = None,
+    model_id: str = "",
+    version: int = 0,
+    step: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` (a Hiera or HieraMAE) with its config and metadata, atomically."""
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    cfg: HieraConfig = model.config
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "kind": "mae" if any(k.startswith("decoder_") for k in state) else "encoder",
+        "model_state": state,
+        "labels": list(labels or []),
+        "model_id": model_id or cfg.name,
+        "version": int(version),
+        "step": step,
+        "weights_sha256": _weights_sha256(state),
+        "extra": extra or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and validate one of our checkpoints."""
+    path = Path(path)
+    return _checkpoint_from_raw(_torch_load(path), path)
+
+
+def _checkpoint_from_raw(raw: Any, path: Path) -> Checkpoint:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a hiera_perception checkpoint (for official files use load_official)")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {raw.get('format_version')}, this code reads {FORMAT_VERSION}")
+    try:
+        cfg = config_from_dict(raw["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config: {e}") from e
+    state = raw["model_state"]
+    digest = _weights_sha256(state)
+    if digest != raw.get("weights_sha256"):
+        raise CheckpointError(f"{path}: weights sha256 {digest[:16]}... does not match the recorded "
+                              f"{str(raw.get('weights_sha256'))[:16]}...: the file is corrupt")
+    return Checkpoint(cfg, state, list(raw.get("labels", [])), raw.get("model_id", ""), int(raw.get("version", 0)),
+                      raw.get("step"), dict(raw.get("extra", {})))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official checkpoints
+
+
+def official_kwargs(config: HieraConfig, mae: bool = False) -> dict[str, Any]:
+    """Constructor kwargs of the official `Hiera` / `MaskedAutoencoderHiera` for the same network."""
+    kw = dict(
+        input_size=config.input_size, in_chans=config.in_chans, embed_dim=config.embed_dim,
+        num_heads=config.num_heads, num_classes=max(config.num_classes, 1), stages=config.stages,
+        q_pool=config.mae_q_pool if mae else config.q_pool, q_stride=config.q_stride,
+        mask_unit_size=config.mask_unit_size, mask_unit_attn=config.mask_unit_attn, dim_mul=config.dim_mul,
+        head_mul=config.head_mul, patch_kernel=config.patch_kernel, patch_stride=config.patch_stride,
+        patch_padding=config.patch_padding, mlp_ratio=config.mlp_ratio, drop_path_rate=config.drop_path_rate,
+        head_dropout=config.head_dropout, sep_pos_embed=config.sep_pos_embed,
+    )
+    if mae:
+        kw.update(decoder_embed_dim=config.decoder_embed_dim, decoder_depth=config.decoder_depth,
+                  decoder_num_heads=config.decoder_num_heads)
+    return kw
+
+
+def filter_official_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Map official keys onto `model` (our Hiera or HieraMAE); the only key remapping in the package.
+
+    * Hiera: keys are identical. A headless model drops `head.*`; MAE weights loaded as an encoder
+      drop the decoder and fusion parts and get a fresh final `norm` (the official MAE has none).
+    * HieraMAE: encoder keys move under `encoder.`; the encoder's `norm`/`head` (unused by MAE)
+      keep their current values.
+    """
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    is_mae = any(k.startswith("encoder.") for k in ours)
+    for k, v in state.items():
+        if is_mae:
+            k = f"encoder.{k}" if k.startswith(_ENCODER_PREFIXES) else k
+        elif not k.startswith(_ENCODER_PREFIXES):
+            continue  # decoder / fusion weights have no place in an encoder
+        if k.startswith("head.") and k not in ours:
+            continue  # headless model
+        out[k] = v
+    for k in ours:  # parts the official file cannot provide keep their initial values
+        if k not in out and (k.startswith(("encoder.norm.", "encoder.head.")) or (not is_mae and k.startswith("norm."))):
+            out[k] = ours[k]
+    return out
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+             for k in state if k in ours and state[k].shape != ours[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: weights do not fit {model.config.name}: "
+            + "; ".join(f"{n} {len(v)}: {v[:4]}" for n, v in
+                        (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if v)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_official(path: str | os.PathLike, config: HieraConfig | str, mae: bool = False) -> torch.nn.Module:
+    """An official `.pth` (weights under `model_state`) -> our Hiera (or HieraMAE with mae=True).
+
+    The head size follows the file: a K400 checkpoint gives 400 classes, an MAE file none."""
+    from hiera_perception import weights  # verifies files fetched into the cache against their record
+
+    path = Path(path)
+    weights.verify(path)
+    return _official_from_raw(_torch_load(path), path, config, mae)
+
+
+def _official_from_raw(raw: Any, path: Path, config: HieraConfig | str, mae: bool = False) -> torch.nn.Module:
+    if not isinstance(raw, dict) or "model_state" not in raw:
+        raise CheckpointError(f"{path}: no 'model_state' entry: not an official Hiera checkpoint")
+    state = raw["model_state"]
+    cfg = get_config(config) if isinstance(config, str) else config
+    head = state.get("head.projection.weight")
+    cfg = cfg.replace(num_classes=int(head.shape[0]) if head is not None else 0)
+    if mae:
+        from hiera_perception.mae import HieraMAE
+
+        if "decoder_pred.weight" not in state:
+            raise CheckpointError(f"{path}: no decoder weights: not an official MAE checkpoint")
+        model = HieraMAE(cfg)
+    else:
+        model = Hiera(cfg)
+    _load_state(model, filter_official_state_dict(state, model), path)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one entry point
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(source: str | os.PathLike | None = None, arch: str | None = None, device: str = "auto") -> Hiera:
+    """Load an encoder for inference, in eval mode on `device`.
+
+    source: None (the embedded model), a file name in models/, a path to our checkpoint, a path to an
+    official `.pth` (arch names its config, e.g. "hiera_base_16x224"), an official table name
+    fetched earlier (`hiera-perception fetch-weights NAME`), or a config name (random weights).
+    The model carries `.labels`, `.model_id` and `.version` for the labeler and the message.
+    """
+    from hiera_perception import weights
+
+    dev = resolve_device(device)
+    source = DEFAULT_MODEL if source is None else str(source)
+    path = Path(source)
+    if not path.is_file() and (MODELS_DIR / source).is_file():
+        path = MODELS_DIR / source
+    labels: list[str] = []
+    if path.is_file():
+        weights.verify(path)
+        raw = _torch_load(path)
+        if isinstance(raw, dict) and raw.get("format") == FORMAT:
+            ck = _checkpoint_from_raw(raw, path)
+            if any(k.startswith("decoder_") for k in ck.model_state):  # an MAE checkpoint: serve its encoder
+                ck.model_state = {k[len("encoder."):]: v for k, v in ck.model_state.items() if k.startswith("encoder.")}
+            model = Hiera(ck.config)
+            _load_state(model, ck.model_state, path)
+            labels, model_id, version = ck.labels, ck.model_id, ck.version
+        else:
+            if arch is None:
+                raise ValueError(f"{path} is an official checkpoint: name its config with arch=, one of {', '.join(CONFIGS)}")
+            model = _official_from_raw(raw, path, arch)
+            model_id, version = arch, 0
+    elif (cached := weights.resolve(source)) is not None:
+        model = load_official(cached, source.split(".")[0])  # NAME or NAME.tag
+        model_id, version = source, 0
+    elif source in CONFIGS:
+        log.warning("model %s: random weights (a config name, no checkpoint)", source)
+        model = Hiera(get_config(source))
+        model_id, version = source, 0
+    else:
+        raise ValueError(
+            f"model source {source!r} is neither a file, a file in {MODELS_DIR}, a fetched official checkpoint "
+            f"nor a config name ({', '.join(CONFIGS)})"
+        )
+    if not labels and model.config.num_classes == 400:
+        labels = weights.kinetics400_labels()  # official K400 heads publish names, not indices
+    model.labels = labels
+    model.model_id = model_id
+    model.version = version
+    return model.eval().to(dev)
+
