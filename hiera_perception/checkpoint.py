@@ -252,6 +252,7 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
     if not path.is_file() and (MODELS_DIR / source).is_file():
         path = MODELS_DIR / source
     labels: list[str] = []
+    sampling: dict = {}
     if path.is_file():
         weights.verify(path)
         raw = _torch_load(path)
@@ -262,16 +263,20 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
             model = Hiera(ck.config)
             _load_state(model, ck.model_state, path)
             labels, model_id, version = ck.labels, ck.model_id, ck.version
+            sampling = dict(ck.extra.get("sampling", {}))
         else:
+            entry = weights.entry_for_path(path)
+            arch = arch or (entry.config if entry else None)
             if arch is None:
                 raise ValueError(f"{path} is an official checkpoint: name its config with arch=, one of {', '.join(CONFIGS)}")
             model = _official_from_raw(raw, path, arch)
             model_id, version = arch, 0
     elif (cached := weights.resolve(source)) is not None:
-        model = load_official(cached, source.split(".")[0])  # NAME or NAME.tag
+        model = load_official(cached, weights.get_entry(source).config)  # an MAE file serves its encoder
         model_id, version = source, 0
     elif source in CONFIGS:
-        log.warning("model %s: random weights (a config name, no checkpoint)", source)
+        hint = f" (official weights: hiera-perception fetch-weights {source} --accept-license)" if weights.find_entry(source) else ""
+        log.warning("model %s: random weights, no checkpoint%s", source, hint)
         model = Hiera(get_config(source))
         model_id, version = source, 0
     else:
@@ -284,5 +289,6 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
     model.labels = labels
     model.model_id = model_id
     model.version = version
+    model.sampling = sampling  # clip timing the model was trained with, e.g. {"frame_stride_s": 0.1}
     return model.eval().to(dev)
 

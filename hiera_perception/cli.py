@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left, nothing went wrong here
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

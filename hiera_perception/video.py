@@ -46,3 +46,71 @@ def iter_frames(path: str | Path) -> Iterator[tuple[float, np.ndarray]]:
             index += 1
     finally:
         cap.release()
+
+
+# ---------------------------------------------------------------------------------------------------
+# `hiera-perception run`: the model on a video file, clip by clip, no ROS
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="model file, official .pth (with --arch), fetched name or config "
+                   "(default: the embedded model)")
+    p.add_argument("--arch", default=None, help="config name of an official .pth, e.g. hiera_base_16x224")
+    p.add_argument("--video", required=True, help="video file (any format OpenCV reads)")
+    p.add_argument("--frame-stride", type=float, default=None, help="seconds between a clip's frames "
+                   "(default: what the model was trained with)")
+    p.add_argument("--hop", type=float, default=None, help="seconds between clip starts (default: half a clip)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--batch", type=int, default=4, help="clips per forward pass")
+    p.add_argument("--json", action="store_true", help="one JSON object per clip (with the embedding) on stdout")
+
+
+def main(args) -> int:
+    import json
+    import sys
+
+    from tqdm import tqdm
+
+    from hiera_perception.checkpoint import load_model
+    from hiera_perception.clip_buffer import ClipBuffer
+    from hiera_perception.engine import Engine
+
+    engine = Engine(load_model(args.model, arch=args.arch, device=args.device), args.device, args.precision, args.top_k)
+    stride = args.frame_stride or engine.frame_stride_s
+    hop = args.hop or max(stride, stride * engine.num_frames / 2)
+    buffer = ClipBuffer(engine.num_frames, stride, hop, max_gap_s=max(1.0, 4 * stride), frame_size=engine.size)
+    total = None
+    cap = cv2.VideoCapture(str(args.video))
+    if cap.isOpened():
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    cap.release()
+
+    pending = []
+    n = 0
+
+    def flush() -> None:
+        nonlocal n
+        for clip, res in zip(pending, engine.infer([c.frames for c in pending])):
+            n += 1
+            if args.json:
+                print(json.dumps({"clip": n, "start": round(clip.clip_start, 4), "end": round(clip.header_stamp, 4),
+                                  "labels": res.labels, "scores": [round(s, 5) for s in res.scores],
+                                  "encoder_version": engine.encoder_version, "embedding": res.embedding.tolist()}))
+            else:
+                top = ", ".join(f"{label} {score:.2f}" for label, score in zip(res.labels, res.scores)) or "(no head)"
+                print(f"{clip.clip_start:8.2f}-{clip.header_stamp:6.2f}s  {top}")
+        pending.clear()
+
+    for stamp, frame in tqdm(iter_frames(args.video), total=total, unit="frame", desc="run", file=sys.stderr,
+                             disable=None):
+        pending.extend(buffer.push(stamp, frame))
+        if len(pending) >= args.batch:
+            flush()
+    flush()
+    if n == 0:
+        print(f"{args.video}: too short for one clip of {engine.num_frames} frames every {stride:.3f}s",
+              file=sys.stderr)
+        return 1
+    return 0
