@@ -1,0 +1,1 @@
+"""Benchmarks of hiera_perception; `python -m benchmarks --help` (or `hiera-perception bench`)."""

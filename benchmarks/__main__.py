@@ -1,0 +1,34 @@
+"""`python -m benchmarks NAME [options]`: run one benchmark, results to benchmarks/results/."""
+
+import argparse
+import importlib
+import logging
+import sys
+
+BENCHMARKS = {
+    "encoder": "encoder forward, ours vs official (latency, throughput)",
+    "mae_step": "MAE training step (forward + backward + AdamW), ours vs official",
+    "report": "render the README table from benchmarks/results/*.json",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="name", metavar="BENCHMARK")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if a in BENCHMARKS), None)
+    for name, help_text in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(f"benchmarks.{name}").add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.name is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    importlib.import_module(f"benchmarks.{args.name}").main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
