@@ -124,17 +124,18 @@ CONFIGS: dict[str, HieraConfig] = {
     "hiera_large_16x224": _BASE.replace(name="hiera_large_16x224", embed_dim=144, num_heads=2, stages=(2, 6, 36, 4)),
     "hiera_huge_16x224": _BASE.replace(name="hiera_huge_16x224", embed_dim=256, num_heads=4, stages=(2, 6, 36, 4)),
     # Ours: small video models for 2 CPU cores (tests, the embedded model). 8 frames; 64 px makes a
-    # 16x16 token grid, i.e. 2x2 mask units of 8x8 tokens.
+    # 16x16 token grid, i.e. 2x2 mask units of 8x8 tokens. q_pool = mae_q_pool = 2, so the encoder that
+    # serves is the very network MAE trains: on-robot adaptation reuses the pre-training decoder.
     "hiera_tiny_8x64": _BASE.replace(
-        name="hiera_tiny_8x64", input_size=(8, 64, 64), embed_dim=32, num_heads=1, stages=(1, 1, 1, 1),
+        name="hiera_tiny_8x64", q_pool=2, input_size=(8, 64, 64), embed_dim=32, num_heads=1, stages=(1, 1, 1, 1),
         num_classes=0, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2,
     ),
     "hiera_small_8x96": _BASE.replace(
-        name="hiera_small_8x96", input_size=(8, 96, 96), embed_dim=48, num_heads=1, stages=(1, 2, 3, 1),
+        name="hiera_small_8x96", q_pool=2, input_size=(8, 96, 96), embed_dim=48, num_heads=1, stages=(1, 2, 3, 1),
         num_classes=0, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
     ),
     "hiera_small_16x128": _BASE.replace(
-        name="hiera_small_16x128", input_size=(16, 128, 128), embed_dim=64, num_heads=1, stages=(1, 2, 4, 1),
+        name="hiera_small_16x128", q_pool=2, input_size=(16, 128, 128), embed_dim=64, num_heads=1, stages=(1, 2, 4, 1),
         num_classes=0, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
     ),
 }
