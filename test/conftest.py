@@ -1,0 +1,72 @@
+"""Shared test set-up: ROS 2 traffic stays on this machine, in a DDS domain of this run's own.
+
+Markers (pytest.ini): `ros` tests need rclpy and hiera_perception_msgs, `ros_launch` tests the launch stack. Where
+those don't import they skip, except when HIERA_PERCEPTION_REQUIRE_ROS / _LAUNCH is 1 (`make test`, so CI),
+where a missing piece fails the test instead of hiding it.
+Fixtures: `ros_context` (an initialised rclpy Context of the test's own) and `spin_until`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+# Set before any test imports rclpy. Discovery on localhost only, always; the domain is kept when the caller chose one.
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 101 + 1))
+
+# marker -> (modules it needs, environment variable that makes them required)
+_NEEDS = {
+    "ros": (("rclpy", "hiera_perception_msgs"), "HIERA_PERCEPTION_REQUIRE_ROS"),
+    "ros_launch": (("rclpy", "launch", "launch_ros", "launch_testing"), "HIERA_PERCEPTION_REQUIRE_LAUNCH"),
+}
+
+
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    # find_spec only locates the top-level package; it imports nothing heavy at collection time.
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for marker, (modules, require_var) in _NEEDS.items():
+        if os.environ.get(require_var) == "1":
+            continue  # required: a missing module fails the test with its ImportError
+        missing = _missing(modules)
+        if not missing:
+            continue
+        skip = pytest.mark.skip(reason=f"{marker} test: {', '.join(missing)} not importable")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def ros_context() -> Iterator[object]:
+    """An initialised rclpy Context for one test, shut down afterwards (nodes made on it die with it)."""
+    import rclpy
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        yield context
+    finally:
+        context.try_shutdown()
+
+
+@pytest.fixture
+def spin_until() -> Callable[..., bool]:
+    """`spin_until(executor, predicate, timeout_s=10.0)`: spin until predicate() is true; returns whether it was."""
+
+    def _spin_until(executor: object, predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            executor.spin_once(timeout_sec=0.05)
+        return True
+
+    return _spin_until
