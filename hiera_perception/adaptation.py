@@ -1,0 +1,429 @@
+"""On-device MAE adaptation: the encoder keeps learning from the robot's own camera, safely.
+
+Test-time training with masked autoencoders: Gandelsman, Sun, Chen, Efros, "Test-Time Training with
+Masked Autoencoders", NeurIPS 2022; Wang, Sun, et al., "Test-Time Training on Video Streams", 2023.
+
+    clips -> ReplayBuffer (bounded in MB) -> Adapter: MAE steps on a *shadow* copy of the encoder, in
+    its own thread, only while inference is idle and within a share of the device -> Guard on a fixed
+    probe set (MAE loss must not rise, embedding cosine to the original model >= threshold, all
+    finite) -> accepted: a new version is checkpointed atomically and handed to `on_accept` (the
+    serving side swaps it in between two clips) | rejected: the shadow returns to the deployed weights.
+
+The classifier head and the final norm are never trained (MAE does not use them), so head labels and
+taught prototypes stay meaningful while the trunk adapts. Faults inside a round (NaN loss, an
+exception, out of memory) reject the round and leave the deployed weights and checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hiera_perception.atomic import atomic_write_text
+from hiera_perception.checkpoint import save_checkpoint
+from hiera_perception.mae import HieraMAE
+from hiera_perception.model import Hiera
+from hiera_perception.preprocess import preprocess_clip
+
+__all__ = ["AdaptationConfig", "ReplayBuffer", "Adapter", "RoundResult", "TRAINABLE"]
+
+log = logging.getLogger(__name__)
+TRAINABLE = ("all", "norms", "late")
+
+
+@dataclass
+class AdaptationConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # decay would pull weights to zero, away from the model that works
+    mask_ratio: float = 0.75
+    steps_per_round: int = 20
+    batch_size: int = 4
+    grad_clip: float = 1.0
+    trainable: str = "all"  # "all" trunk parameters, "norms" (LayerNorms only), "late" (last stage + norms)
+    train_decoder: bool = True
+    replay_mb: float = 64.0
+    min_clips: int = 16  # replay size before the first round
+    probe_clips: int = 16
+    min_probe_cosine: float = 0.9  # mean cosine of probe embeddings to the original model
+    max_loss_increase: float = 0.0  # candidate probe MAE loss <= deployed * (1 + this)
+    max_device_share: float = 0.5  # of wall time spent in adaptation steps
+    round_interval_s: float = 5.0
+    keep_versions: int = 5
+    decoder_warmup_rounds: int = 5  # rounds training a fresh decoder alone (only without decoder weights)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if not 0.0 < self.max_device_share <= 1.0:
+            raise ValueError(f"max_device_share must be in (0, 1], got {self.max_device_share}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        for name in ("steps_per_round", "batch_size", "min_clips", "probe_clips", "keep_versions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class ReplayBuffer:
+    """Recent clips (uint8 [T, S, S, 3]), bounded by memory; the oldest leave first. Thread-safe."""
+
+    def __init__(self, max_mb: float):
+        self.max_bytes = int(max_mb * 2**20)
+        self._clips: collections.deque[np.ndarray] = collections.deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.added = 0
+        self.evicted = 0
+
+    def add(self, clip: np.ndarray) -> None:
+        clip = np.ascontiguousarray(clip, dtype=np.uint8)
+        if clip.nbytes > self.max_bytes:
+            raise ValueError(f"one clip ({clip.nbytes / 2**20:.1f} MB) exceeds the replay cap {self.max_bytes / 2**20:.1f} MB")
+        with self._lock:
+            self._clips.append(clip)
+            self._bytes += clip.nbytes
+            self.added += 1
+            while self._bytes > self.max_bytes:
+                self._bytes -= self._clips.popleft().nbytes
+                self.evicted += 1
+
+    def __len__(self) -> int:
+        return len(self._clips)
+
+    @property
+    def megabytes(self) -> float:
+        return self._bytes / 2**20
+
+    def first(self, n: int) -> list[np.ndarray]:
+        with self._lock:
+            return [c.copy() for c in list(self._clips)[:n]]
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        with self._lock:
+            idx = rng.integers(0, len(self._clips), size=n)
+            return [self._clips[i] for i in idx]
+
+
+@dataclass
+class RoundResult:
+    accepted: bool
+    reason: str
+    version: int
+    steps: int = 0
+    train_loss: float = float("nan")
+    probe_loss_before: float = float("nan")
+    probe_loss_after: float = float("nan")
+    probe_cosine: float = float("nan")
+    seconds: float = 0.0
+
+
+def _trainable(mae: HieraMAE, which: str, train_decoder: bool) -> list[torch.nn.Parameter]:
+    enc = mae.encoder
+    last_stage_start = sum(enc.config.stages[:-1])
+    params = []
+    for name, p in mae.named_parameters():
+        if name.startswith(("encoder.head.", "encoder.norm.")):
+            continue  # unused by MAE: the labels stay valid
+        if name.startswith("encoder."):
+            is_norm = ".norm1." in name or ".norm2." in name
+            in_last = name.startswith("encoder.blocks.") and int(name.split(".")[2]) >= last_stage_start
+            if which == "all" or (which == "norms" and is_norm) or (which == "late" and (in_last or is_norm)):
+                params.append(p)
+        elif train_decoder:
+            params.append(p)
+    return params
+
+
+class Adapter:
+    """MAE adaptation of a copy of `model`; see the module docstring for the cycle.
+
+    model: the serving encoder (never modified here). mae_state: a HieraMAE state dict whose decoder
+    matches the encoder (our embedded checkpoint ships one); without it the decoder starts fresh and
+    the first rounds train the decoder alone. busy(): True while inference has work, so steps wait.
+    on_accept(encoder_state, version): called from the adapter thread after each accepted round.
+    """
+
+    def __init__(
+        self,
+        model: Hiera,
+        config: AdaptationConfig | None = None,
+        mae_state: dict[str, torch.Tensor] | None = None,
+        out_dir: str | Path | None = None,
+        on_accept: Callable[[dict[str, torch.Tensor], int], None] | None = None,
+        busy: Callable[[], bool] = lambda: False,
+        labels: list[str] | None = None,
+        model_id: str | None = None,
+        version: int = 0,
+        reference: Hiera | None = None,
+    ):
+        self.config = cfg = config or AdaptationConfig()
+        self.device = next(model.parameters()).device
+        # the original model (before any adaptation, also across restarts), for the drift check
+        self.base = copy.deepcopy(reference or model).eval().requires_grad_(False)
+        shadow = copy.deepcopy(model)
+        self.mae = HieraMAE(model.config, encoder=shadow).to(self.device)
+        self.decoder_warmup = mae_state is None
+        if mae_state is not None:
+            decoder = {k: v for k, v in mae_state.items() if not k.startswith("encoder.")}
+            missing, unexpected = self.mae.load_state_dict(decoder, strict=False)
+            if unexpected or any(not k.startswith("encoder.") for k in missing):
+                raise ValueError(f"decoder weights do not fit {model.config.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        self.replay = ReplayBuffer(cfg.replay_mb)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.on_accept = on_accept
+        self.busy = busy
+        self.labels = list(labels if labels is not None else getattr(model, "labels", []))
+        self.model_id = model_id or getattr(model, "model_id", model.config.name)
+        self.version = version
+        self.enabled = threading.Event()
+        self.enabled.set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.RLock()  # one round / rollback at a time
+        self._rng = np.random.default_rng(cfg.seed)
+        self._probe: torch.Tensor | None = None
+        self._probe_keep: torch.Tensor | None = None
+        self._deployed = self._mae_state()
+        self._spent_s = 0.0
+        self._started = time.monotonic()
+        self.rounds = self.accepted = self.rejected = 0
+        self.last: RoundResult | None = None
+        self.kept: list[int] = []  # versions with a checkpoint on disk, oldest first
+        if self.out_dir is not None and self.out_dir.is_dir():
+            prefix = f"{self.model_id}@"
+            self.kept = sorted(int(p.stem[len(prefix):]) for p in self.out_dir.glob(f"{prefix}*.pt")
+                               if p.stem[len(prefix):].isdigit())
+        self._make_optimizer()
+
+    # ---- helpers ----
+    def _mae_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.mae.state_dict().items()}
+
+    def _make_optimizer(self) -> None:
+        if self.decoder_warmup:  # first align a fresh decoder with the frozen encoder
+            params = [p for n, p in self.mae.named_parameters() if not n.startswith("encoder.")]
+        else:
+            params = _trainable(self.mae, self.config.trainable, self.config.train_decoder)
+        self.mae.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def _batch(self, clips: list[np.ndarray]) -> torch.Tensor:
+        cfg = self.mae.config
+        return torch.cat([preprocess_clip(c, cfg.input_size[1], cfg.mean, cfg.std, self.device) for c in clips])
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The deployed encoder's weights (what serving should run), on CPU."""
+        return {k[len("encoder."):]: v.cpu().clone() for k, v in self._deployed.items() if k.startswith("encoder.")}
+
+    def add_clip(self, frames) -> None:
+        """A served clip (frames [S, S, 3] uint8 or an array [T, S, S, 3]) joins the replay buffer."""
+        self.replay.add(np.stack(frames) if isinstance(frames, (list, tuple)) else frames)
+
+    # ---- the guard ----
+    @torch.no_grad()
+    def _probe_scores(self) -> tuple[float, float]:
+        """(MAE loss with fixed masks, mean embedding cosine to the original model) on the probe set."""
+        self.mae.eval()
+        loss = self.mae.forward_keep(self._probe, self._probe_keep).loss.item()
+        emb = self.mae.encoder.forward_features(self._probe)
+        ref = self.base.forward_features(self._probe)
+        cos = F.cosine_similarity(emb.float(), ref.float(), dim=-1).mean().item()
+        self.mae.train()
+        return loss, cos
+
+    def _finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.mae.parameters())
+
+    # ---- budget ----
+    def _wait_for_slot(self) -> bool:
+        """Block while inference is busy or the device share is used up; False when stopping."""
+        while not self._stop.is_set():
+            elapsed = time.monotonic() - self._started
+            if not self.busy() and self._spent_s <= self.config.max_device_share * elapsed:
+                return True
+            time.sleep(0.002)
+        return False
+
+    # ---- one round ----
+    def run_round(self, wait: bool = True) -> RoundResult:
+        """Steps on the shadow, then the guard; accept or roll the shadow back. Never raises."""
+        with self._lock:
+            cfg = self.config
+            t0 = time.monotonic()
+            if len(self.replay) < cfg.min_clips:
+                return RoundResult(False, f"waiting for clips ({len(self.replay)}/{cfg.min_clips})", self.version)
+            if self._probe is None:  # fixed for the adapter's life: scores stay comparable across rounds
+                self._probe = self._batch(self.replay.first(cfg.probe_clips))
+                g = torch.Generator().manual_seed(cfg.seed)
+                self._probe_keep = self.mae.encoder.random_keep(len(self._probe), cfg.mask_ratio, generator=g).to(self.device)
+            self.rounds += 1
+            res = RoundResult(False, "", self.version)
+            try:
+                res.probe_loss_before, _ = self._probe_scores()
+                losses = []
+                self.mae.train()
+                for _ in range(cfg.steps_per_round):
+                    if wait and not self._wait_for_slot():
+                        raise InterruptedError("adapter stopping")
+                    s0 = time.monotonic()
+                    x = self._batch(self.replay.sample(cfg.batch_size, self._rng))
+                    loss = self.mae(x, cfg.mask_ratio).loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite MAE loss {loss.item()}")
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip)
+                    self.opt.step()
+                    losses.append(loss.item())
+                    res.steps += 1
+                    self._spent_s += time.monotonic() - s0
+                res.train_loss = float(np.mean(losses))
+                if not self._finite():
+                    raise FloatingPointError("non-finite weights after the round")
+                res.probe_loss_after, res.probe_cosine = self._probe_scores()
+                if not (np.isfinite(res.probe_loss_after) and np.isfinite(res.probe_cosine)):
+                    raise FloatingPointError("non-finite probe scores")
+                if self.decoder_warmup:
+                    res.reason = "decoder warm-up (encoder untouched)"
+                    self._deployed = self._mae_state()
+                    if self.rounds >= cfg.decoder_warmup_rounds:
+                        self.decoder_warmup = False
+                        self._make_optimizer()
+                elif res.probe_loss_after > res.probe_loss_before * (1 + cfg.max_loss_increase):
+                    res.reason = f"probe MAE loss rose {res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f}"
+                elif res.probe_cosine < cfg.min_probe_cosine:
+                    res.reason = f"embedding drift: probe cosine {res.probe_cosine:.4f} < {cfg.min_probe_cosine}"
+                else:
+                    res.accepted = True
+            except InterruptedError as e:
+                res.reason = str(e)
+            except Exception as e:  # NaN, OOM, a bug in a step: the round fails, serving never does
+                res.reason = f"{type(e).__name__}: {e}"
+                log.warning("adaptation round failed: %s", res.reason)
+                if "out of memory" in str(e).lower() and self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if res.accepted:
+                self._deployed = self._mae_state()
+                self.version += 1
+                res.version = self.version
+                res.reason = "accepted"
+                self.accepted += 1
+                self._save_version()
+                if self.on_accept is not None:
+                    self.on_accept(self.encoder_state(), self.version)
+            elif not res.reason.startswith("decoder warm-up"):
+                self.rejected += 1
+                self.mae.load_state_dict(self._deployed)  # the shadow returns to what serves
+                self._make_optimizer()  # moments of a rejected trajectory would push back toward it
+            res.seconds = time.monotonic() - t0
+            self.last = res
+            log.info("adaptation round %d: %s (v%d, %d steps, train loss %.4f, probe %.4f -> %.4f, cos %.4f, %.1fs)",
+                     self.rounds, res.reason, self.version, res.steps, res.train_loss, res.probe_loss_before,
+                     res.probe_loss_after, res.probe_cosine, res.seconds)
+            return res
+
+    # ---- versions on disk ----
+    def _path(self, version: int) -> Path:
+        return self.out_dir / f"{self.model_id}@{version}.pt"
+
+    def _save_version(self) -> None:
+        if self.out_dir is None:
+            return
+        save_checkpoint(self._path(self.version), self.mae, labels=self.labels, model_id=self.model_id,
+                        version=self.version, extra={"adaptation": {"rounds": self.rounds}})
+        self.kept.append(self.version)
+        while len(self.kept) > self.config.keep_versions:
+            old = self.kept.pop(0)
+            self._path(old).unlink(missing_ok=True)
+        atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": self.version,
+                                                                    "file": self._path(self.version).name}) + "\n")
+
+    def save(self) -> Path | None:
+        """Checkpoint the deployed version now (the `~/adaptation/save` service)."""
+        with self._lock:
+            if self.out_dir is None:
+                return None
+            state_now = self._mae_state()
+            self.mae.load_state_dict(self._deployed)
+            save_checkpoint(self._path(self.version), self.mae, labels=self.labels, model_id=self.model_id,
+                            version=self.version)
+            self.mae.load_state_dict(state_now)
+            if self.version not in self.kept:
+                self.kept.append(self.version)
+            return self._path(self.version)
+
+    def rollback(self, version: int | None = None) -> int:
+        """Serve a kept version again (default: the one before the current); returns its number."""
+        from hiera_perception.checkpoint import load_checkpoint
+
+        with self._lock:
+            if version is None:
+                older = [v for v in self.kept if v < self.version]
+                if not older:
+                    raise ValueError(f"no kept version older than {self.version} (kept: {self.kept})")
+                version = older[-1]
+            if version == 0 and 0 not in self.kept:
+                state = {f"encoder.{k}": v for k, v in self.base.state_dict().items()}
+                state.update({k: v for k, v in self._deployed.items() if not k.startswith("encoder.")})
+            else:
+                if self.out_dir is None or version not in self.kept:
+                    raise ValueError(f"version {version} is not kept (kept: {self.kept})")
+                state = load_checkpoint(self._path(version)).model_state
+            self.mae.load_state_dict(state)
+            self._deployed = self._mae_state()
+            self.version = version
+            self._make_optimizer()
+            if self.on_accept is not None:
+                self.on_accept(self.encoder_state(), self.version)
+            return version
+
+    @staticmethod
+    def latest(out_dir: str | Path) -> Path | None:
+        """The last accepted checkpoint in `out_dir` (to resume after a restart), or None."""
+        try:
+            rec = json.loads((Path(out_dir) / "latest.json").read_text())
+            path = Path(out_dir) / rec["file"]
+            return path if path.is_file() else None
+        except (OSError, ValueError, KeyError):
+            return None
+
+    # ---- the thread ----
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="hiera-adapter", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.enabled.is_set():
+                self.run_round(wait=True)
+            self._stop.wait(self.config.round_interval_s)
+
+    def status(self) -> dict:
+        last = self.last
+        return {
+            "enabled": self.enabled.is_set(), "version": self.version, "rounds": self.rounds,
+            "accepted": self.accepted, "rejected": self.rejected, "replay_clips": len(self.replay),
+            "replay_mb": round(self.replay.megabytes, 2), "last_result": last.reason if last else "",
+            "device_share": round(self._spent_s / max(1e-9, time.monotonic() - self._started), 3),
+            "decoder_warmup": self.decoder_warmup,
+        }
