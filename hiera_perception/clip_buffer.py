@@ -1,0 +1,282 @@
+"""Timestamped frames -> fixed-rate clips, sampled on the camera's own timeline.
+
+A clip is `num_frames` frames sampled every `frame_stride_s`; a new clip starts every `hop_s`.
+After a reset the first frame's stamp is the anchor `a`, and clip k's sample times are
+
+    t[k, i] = a + k * hop_s + i * frame_stride_s,   i = 0 .. num_frames - 1
+
+For each sample time the clip takes the newest frame whose stamp is at or before it ("sample and
+hold"), so a camera that runs slowly, unevenly or drops frames changes *which* frames are picked,
+never *when* the samples are: the timeline is fixed by the anchor alone. Clip k is complete (and
+`push` returns it) as soon as a frame with stamp >= t[k, last] arrives; a frame that lands after
+several clips' end times completes all of them at once, each made from the frames at or before its
+sample times (a gap up to `max_gap_s` is bridged by holding the last frame, not skipped).
+
+Resets: a stamp more than `max_gap_s` after the previous one, or any stamp earlier than the
+previous one (a bag looping, a simulator restarting), drops every stored frame and re-anchors on
+the new frame; clips in progress are abandoned. Each reset is counted and logged at debug.
+
+Duplicate stamps (equal to the previous frame's): the later frame replaces the earlier one (a
+driver re-sending a corrected frame, or a paused simulator still rendering), and `duplicates`
+counts them. A source that never sets stamps (all zero) therefore yields no clips at all, only a
+growing `duplicates` count: the node should watch it.
+
+Comparisons between stamps and sample times allow `STAMP_TOLERANCE_S` (1 us), so a frame stamped
+"exactly" on a sample time (30 fps stamps n/30 against a stride of 2/30) is picked whichever way
+floating-point rounding falls.
+
+Memory: frames are stored once and clips hold references, so overlapping clips share frame
+objects. A stored frame is dropped as soon as no future sample time can pick it (its successor's
+stamp is at or before the next sample time that would), which bounds the store by the number of
+distinct sample times in one clip window plus one, whatever the camera's frame rate. The newest
+frame is kept as given until the next frame shows it is needed; only then is it shrunk once with
+`preprocess.crop_resize(frame, frame_size)`, so frames that no sample picks are never resized.
+`push` takes ownership of `frame`: the caller must not modify it afterwards. The buffer never
+writes into a stored array (it only swaps references), so returned clips may be handed to another
+thread while pushing goes on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .preprocess import crop_resize
+
+__all__ = ["Clip", "ClipBuffer", "STAMP_TOLERANCE_S"]
+
+log = logging.getLogger(__name__)
+
+STAMP_TOLERANCE_S = 1e-6
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One complete clip. `frames[i]` is the frame picked for sample time `start + i * stride`.
+
+    frames: num_frames arrays [S, S, 3] uint8, shared (not copied) with other clips.
+    stamps: the picked frames' stamps (seconds), non-decreasing; repeats when a frame was held.
+    tags: the picked frames' `tag` objects as given to `push` (e.g. the ROS header, whose exact
+        integer stamp a float cannot always round-trip).
+    start, end: the first and last sample times (seconds) on the timeline.
+    index: k, the clip's number since the last reset; epoch: the number of resets before it.
+    """
+
+    frames: list[np.ndarray]
+    stamps: list[float]
+    tags: list[Any]
+    start: float
+    end: float
+    index: int
+    epoch: int
+
+    @property
+    def header_stamp(self) -> float:
+        """Stamp of the clip's last picked frame (the output message's header stamp)."""
+        return self.stamps[-1]
+
+    @property
+    def clip_start(self) -> float:
+        """Stamp of the clip's first picked frame."""
+        return self.stamps[0]
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    def array(self) -> np.ndarray:
+        """The frames stacked: [T, S, S, 3] uint8 (a new array)."""
+        return np.stack(self.frames)
+
+
+class _Entry:
+    """A stored frame; `small` says whether `frame` has been shrunk to the clip size yet."""
+
+    __slots__ = ("stamp", "frame", "tag", "small")
+
+    def __init__(self, stamp: float, frame: np.ndarray, tag: Any) -> None:
+        self.stamp = stamp
+        self.frame = frame
+        self.tag = tag
+        self.small = False
+
+
+class ClipBuffer:
+    """Frames in (`push`), complete clips out. Not thread-safe: one caller (the image callback)."""
+
+    def __init__(
+        self,
+        num_frames: int,
+        frame_stride_s: float,
+        hop_s: float,
+        max_gap_s: float,
+        frame_size: int,
+    ) -> None:
+        if int(num_frames) != num_frames or num_frames < 1:
+            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        for name, value in (("frame_stride_s", frame_stride_s), ("hop_s", hop_s), ("max_gap_s", max_gap_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0 seconds, got {value!r}")
+        if int(frame_size) != frame_size or frame_size < 1:
+            raise ValueError(f"frame_size must be an integer >= 1 pixels, got {frame_size!r}")
+        self.num_frames = int(num_frames)
+        self.frame_stride_s = float(frame_stride_s)
+        self.hop_s = float(hop_s)
+        self.max_gap_s = float(max_gap_s)
+        self.frame_size = int(frame_size)
+
+        # Counters for diagnostics; never reset, so rates can be taken from differences.
+        self.frames_in = 0  # every push
+        self.duplicates = 0  # pushes whose stamp equalled the previous one (replaced it)
+        self.resets = 0  # gaps and backward stamps
+        self.clips_out = 0  # clips returned
+        self.frames_unused = 0  # frames dropped without any clip having picked them
+
+        self._entries: deque[_Entry] = deque()  # stamps strictly increasing
+        self._anchor: float | None = None
+        self._next_clip = 0  # k of the next clip to complete
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def clip_duration_s(self) -> float:
+        """Time from a clip's first to its last sample."""
+        return (self.num_frames - 1) * self.frame_stride_s
+
+    @property
+    def stored(self) -> int:
+        """Number of frames held right now."""
+        return len(self._entries)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "frames_in": self.frames_in,
+            "duplicates": self.duplicates,
+            "resets": self.resets,
+            "clips_out": self.clips_out,
+            "frames_unused": self.frames_unused,
+            "stored": self.stored,
+        }
+
+    def reset(self, reason: str = "requested") -> None:
+        """Forget every frame; the next push anchors a new timeline. Counted in `resets`."""
+        if self._entries:
+            self.resets += 1
+            log.debug("clip buffer reset (%s): dropped %d frames", reason, len(self._entries))
+        self._entries.clear()
+        self._anchor = None
+        self._next_clip = 0
+
+    def push(self, stamp_s: float, frame: np.ndarray, tag: Any = None) -> list[Clip]:
+        """Add a frame [H, W, 3] uint8 stamped `stamp_s` (seconds); return the clips it completes.
+
+        `tag` is carried unchanged into `Clip.tags` (pass the message header to keep its exact
+        stamp and frame_id). Raises ValueError for a non-finite stamp or a frame that is not a
+        non-empty [H, W, 3] uint8 array.
+        """
+        stamp = float(stamp_s)
+        if not math.isfinite(stamp):
+            raise ValueError(f"stamp must be a finite number of seconds, got {stamp_s!r}")
+        if not (
+            isinstance(frame, np.ndarray)
+            and frame.dtype == np.uint8
+            and frame.ndim == 3
+            and frame.shape[2] == 3
+            and frame.shape[0] > 0
+            and frame.shape[1] > 0
+        ):
+            desc = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise ValueError(f"frame must be a non-empty [H, W, 3] uint8 array, got {desc}")
+        self.frames_in += 1
+
+        if self._entries:
+            last = self._entries[-1]
+            if stamp == last.stamp:
+                # Keep the later frame. Clips already returned keep their own reference.
+                self.duplicates += 1
+                last.frame, last.tag, last.small = frame, tag, False
+                return []
+            if stamp < last.stamp:
+                self.reset(f"stamp went backwards {last.stamp:.6f} -> {stamp:.6f}")
+            elif stamp - last.stamp > self.max_gap_s:
+                self.reset(f"gap of {stamp - last.stamp:.3f} s > max_gap_s {self.max_gap_s:.3f}")
+
+        if self._anchor is None:
+            self._anchor = stamp
+            self._next_clip = 0
+        elif self._needed(self._entries[-1].stamp, stamp):
+            self._shrink(self._entries[-1])
+        else:
+            dropped = self._entries.pop()
+            self.frames_unused += not dropped.small  # small: a returned clip used it
+        self._entries.append(_Entry(stamp, frame, tag))
+
+        clips = []
+        while stamp >= self._sample_time(self._next_clip, self.num_frames - 1) - STAMP_TOLERANCE_S:
+            clips.append(self._make_clip(self._next_clip))
+            self._next_clip += 1
+        if clips:
+            self.clips_out += len(clips)
+            # The future sample times moved on: frames only the returned clips used can go.
+            while len(self._entries) >= 2 and not self._needed(self._entries[0].stamp, self._entries[1].stamp):
+                self._entries.popleft()
+        return clips
+
+    # ----------------------------------------------------------------- private
+
+    def _sample_time(self, k: int, i: int) -> float:
+        # The one formula for sample times: every comparison uses exactly these floats.
+        assert self._anchor is not None
+        return self._anchor + k * self.hop_s + i * self.frame_stride_s
+
+    def _needed(self, lo: float, hi: float) -> bool:
+        """Whether a frame stamped `lo`, followed by one stamped `hi`, is picked by a future clip.
+
+        It is iff some sample time t of a clip k >= next_clip has lo <= t + tol < hi.
+        """
+        tol = STAMP_TOLERANCE_S
+        for i in range(self.num_frames):
+            # Smallest k >= next_clip with t[k, i] + tol >= lo; the estimate is fixed up against
+            # `_sample_time` so rounding never disagrees with the comparisons in `_make_clip`.
+            k = max(self._next_clip, math.ceil((lo - tol - self._anchor - i * self.frame_stride_s) / self.hop_s))
+            while k > self._next_clip and self._sample_time(k - 1, i) + tol >= lo:
+                k -= 1
+            while self._sample_time(k, i) + tol < lo:
+                k += 1
+            if self._sample_time(k, i) + tol < hi:
+                return True
+        return False
+
+    def _shrink(self, entry: _Entry) -> np.ndarray:
+        if not entry.small:
+            entry.frame = crop_resize(entry.frame, self.frame_size)
+            entry.small = True
+        return entry.frame
+
+    def _make_clip(self, k: int) -> Clip:
+        stamps_stored = [e.stamp for e in self._entries]
+        frames, stamps, tags = [], [], []
+        for i in range(self.num_frames):
+            t = self._sample_time(k, i)
+            j = bisect.bisect_right(stamps_stored, t + STAMP_TOLERANCE_S) - 1
+            # j >= 0: the anchor frame (or a later one) is at or before every sample time, and
+            # `_needed` only drops a frame when its successor is at or before the next sample.
+            entry = self._entries[j]
+            frames.append(self._shrink(entry))
+            stamps.append(entry.stamp)
+            tags.append(entry.tag)
+        return Clip(
+            frames=frames,
+            stamps=stamps,
+            tags=tags,
+            start=self._sample_time(k, 0),
+            end=self._sample_time(k, self.num_frames - 1),
+            index=k,
+            epoch=self.resets,
+        )

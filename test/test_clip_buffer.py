@@ -1,0 +1,283 @@
+"""ClipBuffer: sampling on the stamps' timeline, resets, duplicates, shared frames, bounded memory."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import numpy as np
+import pytest
+
+import hiera_perception.clip_buffer as cb
+from hiera_perception.clip_buffer import STAMP_TOLERANCE_S, Clip, ClipBuffer
+
+S = 4  # frames pushed at the clip size are stored as given, so identity checks see our objects
+
+
+def frame(value: int, size: int = S) -> np.ndarray:
+    return np.full((size, size, 3), value % 256, np.uint8)
+
+
+def feed(buf: ClipBuffer, stamps, size: int = S) -> tuple[list[Clip], list[np.ndarray]]:
+    clips, frames = [], []
+    for n, t in enumerate(stamps):
+        f = frame(n, size)
+        frames.append(f)
+        clips += buf.push(t, f, tag=n)
+    return clips, frames
+
+
+def test_regular_30fps_exact_samples():
+    # T=4, a sample every 2nd frame, a new clip every 4th frame: clip k = frames 4k, 4k+2, 4k+4, 4k+6.
+    buf = ClipBuffer(num_frames=4, frame_stride_s=2 / 30, hop_s=4 / 30, max_gap_s=0.5, frame_size=S)
+    stamps = [100.0 + n / 30 for n in range(31)]
+    emitted_at = []
+    clips = []
+    for n, t in enumerate(stamps):
+        out = buf.push(t, frame(n), tag=n)
+        emitted_at += [n] * len(out)
+        clips += out
+    assert len(clips) == 7  # clip 6 ends at frame 30
+    assert emitted_at == [6, 10, 14, 18, 22, 26, 30]
+    for k, clip in enumerate(clips):
+        picked = [4 * k + 2 * i for i in range(4)]
+        assert clip.tags == picked
+        assert clip.stamps == [stamps[n] for n in picked]
+        assert [int(f[0, 0, 0]) for f in clip.frames] == picked
+        assert clip.header_stamp == stamps[picked[-1]]
+        assert clip.clip_start == stamps[picked[0]]
+        assert clip.start == pytest.approx(100.0 + k * 4 / 30, abs=1e-9)
+        assert clip.end == pytest.approx(100.0 + k * 4 / 30 + 6 / 30, abs=1e-9)
+        assert clip.index == k and clip.epoch == 0 and clip.num_frames == 4
+        assert clip.array().shape == (4, S, S, 3)
+    assert buf.clips_out == 7 and buf.frames_in == 31 and buf.resets == 0
+
+
+def test_uneven_stamps_hand_computed():
+    # samples: clip 0 at 0.0 0.1 0.2, clip 1 at 0.2 0.3 0.4, clip 2 at 0.4 0.5 0.6
+    buf = ClipBuffer(num_frames=3, frame_stride_s=0.1, hop_s=0.2, max_gap_s=1.0, frame_size=S)
+    stamps = [0.0, 0.07, 0.13, 0.21, 0.24, 0.33, 0.38, 0.45, 0.52, 0.61]
+    out = [buf.push(t, frame(n), tag=n) for n, t in enumerate(stamps)]
+    assert [len(o) for o in out] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 1]
+    c0, c1, c2 = out[3][0], out[7][0], out[9][0]
+    assert c0.stamps == [0.0, 0.07, 0.13]
+    assert c1.stamps == [0.13, 0.24, 0.38]
+    assert c2.stamps == [0.38, 0.45, 0.52]
+    assert (c0.start, c0.end) == (0.0, pytest.approx(0.2))
+    assert c2.header_stamp == 0.52 and c2.clip_start == 0.38
+
+
+def test_dropped_frames_never_shift_sample_times():
+    buf = ClipBuffer(num_frames=4, frame_stride_s=0.1, hop_s=0.2, max_gap_s=0.5, frame_size=S)
+    full = [round(n * 0.05, 6) for n in range(60)]  # 20 fps
+    dropped = {3, 4, 5, 11, 17, 18, 30, 31, 32, 33, 41}
+    stamps = [t for n, t in enumerate(full) if n not in dropped]
+    clips, _ = feed(buf, stamps)
+    assert len(clips) == 14  # clip 13 ends at 2.6 + 0.3 = 2.9 <= 2.95
+    for k, clip in enumerate(clips):
+        assert clip.start == pytest.approx(0.2 * k, abs=1e-12)
+        for i, st in enumerate(clip.stamps):
+            t = 0.2 * k + 0.1 * i
+            assert st == max(s for s in stamps if s <= t + 1e-9)
+    # hand check across the 0.15-0.25 hole: clip 0 samples 0, .1, .2, .3 -> 0.0, 0.1, 0.1 (held), 0.3
+    assert clips[0].stamps == [0.0, 0.1, 0.1, 0.3]
+
+
+def test_gap_resets_and_reanchors(caplog):
+    buf = ClipBuffer(num_frames=3, frame_stride_s=0.1, hop_s=0.1, max_gap_s=0.5, frame_size=S)
+    first, _ = feed(buf, [0.0, 0.1, 0.2, 0.25])  # clip 0 at 0.2; clip 1 (0.1 .. 0.3) in progress
+    assert len(first) == 1
+    # The handler goes on the module's logger itself: the launch_testing pytest plugin installs a
+    # logger class with propagate=False, so records would never reach caplog's root handler.
+    logger = logging.getLogger(cb.__name__)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("DEBUG", logger=cb.__name__):
+            assert buf.push(0.9, frame(9)) == []  # 0.65 s > max_gap_s: clip 1 abandoned, new anchor 0.9
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert buf.resets == 1 and buf.stored == 1
+    assert any("gap" in r.getMessage() for r in caplog.records)
+    out = buf.push(1.0, frame(10)) + buf.push(1.1, frame(11))
+    assert len(out) == 1
+    assert out[0].start == 0.9 and out[0].stamps == [0.9, 1.0, 1.1]
+    assert out[0].index == 0 and out[0].epoch == 1
+    # exactly max_gap_s is not a gap
+    assert buf.push(1.6, frame(12)) and buf.resets == 1
+
+
+def test_backwards_stamp_resets():
+    buf = ClipBuffer(num_frames=2, frame_stride_s=0.1, hop_s=0.1, max_gap_s=0.5, frame_size=S)
+    a, _ = feed(buf, [50.0, 50.1, 50.2])
+    assert [c.stamps for c in a] == [[50.0, 50.1], [50.1, 50.2]]
+    assert buf.push(0.0, frame(1)) == []  # bag looped
+    assert buf.resets == 1
+    b = buf.push(0.1, frame(2))
+    assert len(b) == 1 and b[0].stamps == [0.0, 0.1] and b[0].start == 0.0 and b[0].epoch == 1
+    assert buf.push(0.05, frame(3)) == [] and buf.resets == 2  # even a small step back resets
+
+
+def test_gap_under_max_spanning_several_hops_emits_each_clip():
+    buf = ClipBuffer(num_frames=2, frame_stride_s=0.1, hop_s=0.1, max_gap_s=1.0, frame_size=S)
+    assert len(buf.push(0.0, frame(0))) == 0
+    assert len(buf.push(0.1, frame(1))) == 1
+    late = buf.push(0.55, frame(2))  # completes clips ending at 0.2, 0.3, 0.4, 0.5
+    assert [c.index for c in late] == [1, 2, 3, 4]
+    assert [c.stamps for c in late] == [[0.1, 0.1]] * 4  # held last frame, nothing skipped
+    nxt = buf.push(0.6, frame(3))
+    # samples 0.5, 0.6: 0.55 is after 0.5 and 0.6 has its own frame, so 0.55 is never picked
+    assert len(nxt) == 1 and nxt[0].stamps == [0.1, 0.6] and buf.resets == 0
+
+
+def test_overlapping_clips_share_frame_objects():
+    buf = ClipBuffer(num_frames=4, frame_stride_s=0.1, hop_s=0.2, max_gap_s=0.5, frame_size=8)
+    clips, _ = feed(buf, [n * 0.1 for n in range(12)], size=32)  # big frames: shrunk on arrival
+    assert len(clips) == 5  # clip k ends at 0.2 k + 0.3 <= 1.1
+    for a, b in zip(clips, clips[1:]):
+        assert a.frames[2] is b.frames[0] and a.frames[3] is b.frames[1]
+    for c in clips:
+        assert all(f.shape == (8, 8, 3) and f.dtype == np.uint8 for f in c.frames)
+    assert int(clips[1].frames[0][0, 0, 0]) == 2
+
+
+def test_duplicate_stamp_keeps_later_frame():
+    buf = ClipBuffer(num_frames=2, frame_stride_s=0.1, hop_s=0.1, max_gap_s=0.5, frame_size=S)
+    buf.push(0.0, frame(0), tag="a")
+    later = frame(7)
+    assert buf.push(0.0, later, tag="b") == []
+    out = buf.push(0.1, frame(1), tag="c")
+    assert buf.duplicates == 1 and buf.resets == 0 and buf.frames_in == 3
+    assert out[0].tags == ["b", "c"] and out[0].frames[0] is later
+    # a duplicate of a frame a returned clip already used leaves that clip alone
+    buf.push(0.1, frame(9), tag="d")
+    assert out[0].tags == ["b", "c"] and int(out[0].frames[1][0, 0, 0]) == 1
+    nxt = buf.push(0.2, frame(2), tag="e")
+    assert nxt[0].tags == ["d", "e"]
+
+
+def test_all_zero_stamps_yield_no_clip_only_duplicates():
+    buf = ClipBuffer(num_frames=2, frame_stride_s=0.1, hop_s=0.1, max_gap_s=0.5, frame_size=S)
+    clips, _ = feed(buf, [0.0] * 50)
+    assert clips == [] and buf.duplicates == 49 and buf.stored == 1
+
+
+def test_single_frame_clips_and_hop_longer_than_clip():
+    buf = ClipBuffer(num_frames=1, frame_stride_s=0.1, hop_s=0.25, max_gap_s=0.5, frame_size=S)
+    clips, _ = feed(buf, [n * 0.1 for n in range(11)])
+    # samples 0, .25, .5, .75, 1.0 -> frames 0.0, 0.2, 0.5, 0.7, 1.0
+    assert [c.stamps[0] for c in clips] == pytest.approx([0.0, 0.2, 0.5, 0.7, 1.0])
+    assert buf.frames_unused == 6
+
+
+def _reference(pushes, T, stride, hop, max_gap):
+    """Every (push index, clip) the semantics call for, from the whole history, by brute force."""
+    tol = STAMP_TOLERANCE_S
+    expected, epoch_start, anchor, k, prev = [], 0, None, 0, None
+    for n, t in enumerate(pushes):
+        if prev is not None and (t < prev or t - prev > max_gap):
+            epoch_start, anchor = n, None
+        if anchor is None:
+            anchor, k = t, 0
+        prev = t
+        while t >= anchor + k * hop + (T - 1) * stride - tol:
+            picked = []
+            for i in range(T):
+                s = anchor + k * hop + i * stride
+                picked.append(max(m for m in range(epoch_start, n + 1) if pushes[m] <= s + tol))
+            expected.append((n, picked))
+            k += 1
+    return expected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_streams_match_brute_force(seed):
+    rng = random.Random(seed)
+    T, stride, hop, max_gap = rng.choice(
+        [(1, 0.1, 0.1, 0.4), (3, 0.07, 0.1, 0.3), (4, 0.1, 0.2, 0.5), (2, 0.2, 0.5, 1.0)]
+    )
+    t, pushes = 1000.0, []
+    for _ in range(400):
+        r = rng.random()
+        if r < 0.05:
+            pass  # duplicate stamp
+        elif r < 0.08:
+            t += rng.uniform(max_gap * 1.1, 3.0)  # gap
+        elif r < 0.10:
+            t -= rng.uniform(0.01, 5.0)  # backwards
+        else:
+            t += rng.uniform(0.005, max_gap * 0.9)
+        pushes.append(round(t, 6))
+    buf = ClipBuffer(T, stride, hop, max_gap, frame_size=S)
+    got = []
+    for n, s in enumerate(pushes):
+        got += [(n, c.tags) for c in buf.push(s, frame(n), tag=n)]
+    assert got == _reference(pushes, T, stride, hop, max_gap)
+    assert buf.clips_out == len(got) and buf.frames_in == 400
+
+
+def test_memory_bounded_over_10000_frames(monkeypatch):
+    resized = []
+    real = cb.crop_resize
+
+    def counting(f, size):
+        resized.append(f)  # kept alive so ids stay unique
+        return real(f, size)
+
+    monkeypatch.setattr(cb, "crop_resize", counting)
+    T, stride, hop = 8, 2 / 30, 4 / 30
+    buf = ClipBuffer(T, stride, hop, max_gap_s=0.5, frame_size=2)
+    rng = random.Random(0)
+    big = np.zeros((6, 8, 3), np.uint8)  # read-only use: the buffer never writes frames
+    t, peak, picked = 0.0, 0, {}
+    for _ in range(10_000):
+        t += rng.choice([1 / 30, 1 / 30, 1 / 30, 2 / 30, 1 / 120])  # jitter, drops, bursts
+        for c in buf.push(t, big.copy()):
+            picked.update({id(f): f for f in c.frames})  # values keep ids unique
+        peak = max(peak, buf.stored)
+    # a clip window spans 8 sample times, the next clip's first sample is within it: <= T + 2 held
+    assert peak <= T + 2
+    assert buf.resets == 0 and buf.clips_out > 2000
+    # only frames some sample picked were ever resized, each once
+    assert len(resized) == len({id(f) for f in resized})
+    assert buf.frames_unused > 3000
+    assert buf.frames_in == 10_000
+    # ... and every resized frame was picked, except those waiting for the clips still in progress
+    assert 0 <= len(resized) - len(picked) <= T + 2
+
+    # the bound does not grow with the frame rate
+    fast = ClipBuffer(T, stride, hop, max_gap_s=0.5, frame_size=2)
+    for n in range(3000):
+        fast.push(n / 1000, big)
+        assert fast.stored <= T + 2
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="num_frames"):
+        ClipBuffer(0, 0.1, 0.1, 0.5, 4)
+    with pytest.raises(ValueError, match="hop_s"):
+        ClipBuffer(2, 0.1, 0.0, 0.5, 4)
+    with pytest.raises(ValueError, match="frame_stride_s"):
+        ClipBuffer(2, math.nan, 0.1, 0.5, 4)
+    with pytest.raises(ValueError, match="frame_size"):
+        ClipBuffer(2, 0.1, 0.1, 0.5, 0)
+    buf = ClipBuffer(2, 0.1, 0.1, 0.5, 4)
+    with pytest.raises(ValueError, match="stamp"):
+        buf.push(math.inf, frame(0))
+    with pytest.raises(ValueError, match="uint8"):
+        buf.push(0.0, np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        buf.push(0.0, np.zeros((4, 4, 3), np.float32))
+    assert buf.frames_in == 0
+
+
+def test_counters_and_explicit_reset():
+    buf = ClipBuffer(2, 0.1, 0.1, 0.5, S)
+    feed(buf, [0.0, 0.1, 0.2])
+    assert buf.counters() == {
+        "frames_in": 3, "duplicates": 0, "resets": 0, "clips_out": 2, "frames_unused": 0, "stored": 1,
+    }
+    buf.reset("sim time reset")
+    assert buf.resets == 1 and buf.stored == 0
+    out = buf.push(5.0, frame(0)) + buf.push(5.1, frame(1))
+    assert len(out) == 1 and out[0].start == 5.0 and out[0].epoch == 1
