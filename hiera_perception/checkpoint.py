@@ -289,6 +289,7 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
     model.labels = labels
     model.model_id = model_id
     model.version = version
+    model.source_path = str(path) if path.is_file() else None  # taught labels persist beside it
     model.sampling = sampling  # clip timing the model was trained with, e.g. {"frame_stride_s": 0.1}
     return model.eval().to(dev)
 

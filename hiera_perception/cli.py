@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("hiera_perception.video", "labels (and embeddings) per clip of a video file, no ROS needed"),
     "fetch-weights": ("hiera_perception.weights", "download an official Hiera checkpoint (CC BY-NC 4.0, opt-in)"),
     "synth": ("hiera_perception.synth", "render the synthetic action data set"),
+    "teach": ("hiera_perception.labeler", "teach new labels (prototypes) from a data folder"),
 }
 
 

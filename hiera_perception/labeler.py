@@ -1,29 +1,170 @@
-"""Scores to labels: top-k names and probabilities for one clip.
+"""Embeddings and logits to labels: the model's head plus labels taught on the robot.
 
-The only place a softmax is applied (the encoder returns raw logits). A model without a head, or
-with an unnamed one, still gets labels: its class indices as strings ("class_17").
+The only place a softmax is applied (the encoder returns raw logits).
+
+Taught labels are prototypes: the mean of a few clips' normalised embeddings. They join the head as
+*imprinted weights* (Qi, Brown, Lowe, "Low-Shot Learning with Imprinted Weights", CVPR 2018): a new
+class k scores  w_k . e + b  with  w_k = |W| p_k / |p_k|  and  b = mean head bias, |W| the mean norm of
+the head's rows, so its logits live on the head's scale and one softmax ranks head and taught labels
+together. A model without a head ranks taught labels by a cosine classifier (temperature 10).
+Prototypes persist as JSON beside the model, written atomically.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
 import torch
 
-__all__ = ["Labeler"]
+from hiera_perception.atomic import atomic_write_text
+
+__all__ = ["Labeler", "Prototypes", "prototypes_path"]
+
+log = logging.getLogger(__name__)
+COSINE_TEMPERATURE = 10.0
+
+
+def prototypes_path(model_path: str | os.PathLike) -> Path:
+    """Where the taught labels of the model in `model_path` live: `<model>.prototypes.json`."""
+    p = Path(model_path)
+    return p.with_name(p.name + ".prototypes.json")
+
+
+class Prototypes:
+    """Taught labels: name -> (sum of normalised embeddings, count). Thread-safe; JSON on disk."""
+
+    def __init__(self, dim: int, path: str | os.PathLike | None = None):
+        self.dim = dim
+        self.path = Path(path) if path else None
+        self._sums: dict[str, np.ndarray] = {}
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        if self.path is not None and self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("dim") != self.dim:
+                raise ValueError(f"embedding size {data.get('dim')}, the model's is {self.dim}")
+            for name, rec in data["labels"].items():
+                self._sums[name] = np.asarray(rec["sum"], dtype=np.float64)
+                self._counts[name] = int(rec["count"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.path}: unreadable taught labels: {e}") from e
+        log.info("loaded %d taught labels from %s", len(self._sums), self.path)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            data = {"dim": self.dim, "labels": {n: {"count": self._counts[n], "sum": self._sums[n].tolist()}
+                                                for n in self._sums}}
+        atomic_write_text(self.path, json.dumps(data) + "\n")
+
+    def add(self, label: str, embeddings: np.ndarray) -> int:
+        """Teach `label` from embeddings [N, C] (adds to what it already knew); returns its clip count."""
+        if not label or not label.strip():
+            raise ValueError("a taught label needs a non-empty name")
+        emb = np.asarray(embeddings, dtype=np.float64).reshape(-1, self.dim)
+        if len(emb) == 0:
+            raise ValueError(f"no clips to teach {label!r} from")
+        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        with self._lock:
+            self._sums[label] = self._sums.get(label, np.zeros(self.dim)) + unit.sum(axis=0)
+            self._counts[label] = self._counts.get(label, 0) + len(emb)
+            return self._counts[label]
+
+    def remove(self, label: str) -> bool:
+        with self._lock:
+            self._counts.pop(label, None)
+            return self._sums.pop(label, None) is not None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._sums)
+
+    def matrix(self) -> torch.Tensor:
+        """[K_taught, C] unit prototype directions."""
+        with self._lock:
+            if not self._sums:
+                return torch.zeros(0, self.dim)
+            m = np.stack([self._sums[n] for n in self._sums])
+        return torch.from_numpy(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).float()
 
 
 class Labeler:
-    def __init__(self, labels: list[str], num_classes: int, top_k: int = 5):
+    """Top-k names and probabilities over the head's classes and the taught labels."""
+
+    def __init__(self, labels: list[str], head: torch.nn.Linear | None = None, top_k: int = 5,
+                 prototypes: Prototypes | None = None):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if labels and len(labels) != num_classes:
-            raise ValueError(f"{len(labels)} label names for a head of {num_classes} classes")
-        self.names = list(labels) if labels else [f"class_{i}" for i in range(num_classes)]
+        k = head.out_features if head is not None else 0
+        if labels and len(labels) != k:
+            raise ValueError(f"{len(labels)} label names for a head of {k} classes")
+        self.names = list(labels) if labels else [f"class_{i}" for i in range(k)]
         self.top_k = top_k
+        self.prototypes = prototypes
+        if head is not None:
+            w = head.weight.detach().float()
+            self._w_norm = float(w.norm(dim=1).mean())
+            self._b_mean = float(head.bias.detach().float().mean()) if head.bias is not None else 0.0
 
-    def __call__(self, logits: torch.Tensor | None) -> tuple[list[str], list[float]]:
-        """logits [K] (raw) -> (top-k names best first, their probabilities)."""
-        if logits is None or not self.names:
+    def __call__(self, embedding: torch.Tensor, logits: torch.Tensor | None) -> tuple[list[str], list[float]]:
+        """embedding [C], raw logits [K] or None -> (top-k names best first, their probabilities)."""
+        names, scores = list(self.names), [] if logits is None else [logits.float().cpu()]
+        if self.prototypes is not None and self.prototypes.names:
+            protos = self.prototypes.matrix()
+            e = embedding.float().cpu()
+            if logits is not None:  # imprinted weights on the head's scale
+                scores.append(self._w_norm * (protos @ e) + self._b_mean)
+            else:  # cosine classifier
+                scores.append(COSINE_TEMPERATURE * (protos @ (e / e.norm().clamp_min(1e-12))))
+            names += self.prototypes.names
+        if not scores:
             return [], []
-        probs = torch.softmax(logits.float(), dim=-1)
-        scores, idx = probs.topk(min(self.top_k, probs.numel()))
-        return [self.names[i] for i in idx.tolist()], scores.tolist()
+        probs = torch.softmax(torch.cat(scores), dim=-1)
+        top, idx = probs.topk(min(self.top_k, probs.numel()))
+        return [names[i] for i in idx.tolist()], top.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# `hiera-perception teach`: taught labels from a data folder
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="model (default: the embedded one)")
+    p.add_argument("--data", required=True, help="data folder (labels.csv + videos) with clips of the new actions")
+    p.add_argument("--label", default=None, help="teach only this label of the folder (default: every label in it)")
+    p.add_argument("--prototypes", default=None, help="taught-labels file (default: <model>.prototypes.json)")
+    p.add_argument("--clips-per-video", type=int, default=2)
+    p.add_argument("--device", default="auto")
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    from hiera_perception.dataset import ClipDataset
+    from hiera_perception.engine import Engine
+
+    engine = Engine(args.model, device=args.device, prototypes_file=args.prototypes)
+    if engine.prototypes.path is None:
+        raise SystemExit("this model has no file to keep taught labels beside: pass --prototypes FILE")
+    data = ClipDataset(args.data, engine.num_frames, engine.frame_stride_s, engine.size, args.clips_per_video)
+    by_label: dict[str, list] = {}
+    for i in tqdm(range(len(data)), desc="teach", unit="clip", disable=None):
+        clip, idx = data[i]
+        if idx >= 0 and (args.label is None or data.classes[idx] == args.label):
+            by_label.setdefault(data.classes[idx], []).append(list(clip.numpy()))
+    if not by_label:
+        raise SystemExit(f"no labelled clips{f' of {args.label!r}' if args.label else ''} in {args.data}")
+    for label, clips in by_label.items():
+        count = engine.teach(label, clips)
+        print(f"taught {label!r}: {len(clips)} clips ({count} in all) -> {engine.prototypes.path}")
+    return 0
