@@ -8,13 +8,14 @@ import sys
 BENCHMARKS = {
     "encoder": "encoder forward, ours vs official (latency, throughput)",
     "mae_step": "MAE training step (forward + backward + AdamW), ours vs official",
+    "engine": "engine latency, uint8 frames in -> labels out, no ROS, at a live frame rate",
     "report": "render the README table from benchmarks/results/*.json",
 }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    sub = parser.add_subparsers(dest="name", metavar="BENCHMARK")
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if a in BENCHMARKS), None)
     for name, help_text in BENCHMARKS.items():
@@ -22,11 +23,11 @@ def main(argv=None) -> int:
         if name == chosen:
             importlib.import_module(f"benchmarks.{name}").add_arguments(p)
     args = parser.parse_args(argv)
-    if args.name is None:
+    if args.benchmark is None:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    importlib.import_module(f"benchmarks.{args.name}").main(args)
+    importlib.import_module(f"benchmarks.{args.benchmark}").main(args)
     return 0
 
 
