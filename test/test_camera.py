@@ -1,0 +1,205 @@
+"""camera_publisher on real rclpy: a video file the test writes, the synthetic camera, and `publish`'s main."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hiera_perception.video import iter_frames
+
+pytestmark = pytest.mark.ros
+
+W, H, N = 64, 48, 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_domain():
+    """A DDS domain for this module alone, on localhost (set before any rclpy.init here)."""
+    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
+    os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(60, 90))
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    """A 24-frame MJPG video whose frames all differ, and its frames as OpenCV decodes them."""
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (W, H))
+    for i in range(N):
+        frame = np.full((H, W, 3), (20 + 9 * i, 200 - 7 * i, 90), np.uint8)
+        cv2.rectangle(frame, (2 * i, 10), (2 * i + 12, 30), (255, 255, 255), -1)
+        writer.write(frame)
+    writer.release()
+    decoded = [f for _, f in iter_frames(path)]
+    assert len(decoded) == N
+    return path, decoded
+
+
+def _collect(node, topic: str, msg_type, out: list) -> object:
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    return node.create_subscription(msg_type, topic, out.append, reliable)
+
+
+def _spin(executor, done, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        executor.spin_once(timeout_sec=0.05)
+    return True
+
+
+def _frame_index(msg, decoded: list[np.ndarray]) -> int:
+    img = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, 3)
+    hits = [i for i, f in enumerate(decoded) if np.array_equal(f, img)]
+    assert len(hits) == 1, "each published frame is exactly one decoded frame of the file"
+    return hits[0]
+
+
+def test_true_action_format_round_trips():
+    from hiera_perception.camera import format_true_action, parse_true_action
+
+    assert format_true_action("swipe_left", 12, 3) == "swipe_left 12.000000003"
+    assert parse_true_action("swipe_left 12.000000003") == ("swipe_left", 12_000_000_003)
+    with pytest.raises(ValueError, match="not '<action>"):
+        parse_true_action("wave 12.5")
+
+
+def test_config_needs_exactly_one_source():
+    from hiera_perception.camera import CameraConfig
+
+    base = dict(video_path="", camera_index=-1, synthetic=False, fps=30.0, loop=False, frame_id="c", width=0,
+                height=0, synthetic_seed=0, synthetic_segment_s=(3.0, 6.0), synthetic_shift="none")
+    with pytest.raises(ValueError, match="exactly one source.*none"):
+        CameraConfig(**base).validate()
+    with pytest.raises(ValueError, match="exactly one source.*video_path, synthetic"):
+        CameraConfig(**{**base, "video_path": "a.mp4", "synthetic": True}).validate()
+    with pytest.raises(ValueError, match="width/height"):
+        CameraConfig(**{**base, "synthetic": True, "width": 64}).validate()
+    with pytest.raises(ValueError, match="synthetic_shift: 'fog' is not one of"):
+        CameraConfig(**{**base, "synthetic": True, "synthetic_shift": "fog"}).validate()
+    CameraConfig(**{**base, "camera_index": 0}).validate()
+
+
+def test_video_file_frames_arrive_in_order_with_increasing_stamps(video):
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import Image
+
+    from hiera_perception.camera import CameraPublisher
+
+    path, decoded = video
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        camera = CameraPublisher(context=context, parameter_overrides=[
+            Parameter("video_path", value=str(path)), Parameter("fps", value=60.0), Parameter("loop", value=True),
+            Parameter("frame_id", value="test_cam")])
+        listener = Node("listener", context=context)
+        got: list[Image] = []
+        _collect(listener, "image", Image, got)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(camera)
+        executor.add_node(listener)
+        assert _spin(executor, lambda: len(got) >= N + 12, 30.0), f"only {len(got)} frames in 30 s"
+    finally:
+        context.try_shutdown()
+
+    for msg in got:
+        assert (msg.encoding, msg.width, msg.height, msg.step, msg.is_bigendian) == ("rgb8", W, H, W * 3, 0)
+        assert len(msg.data) == W * H * 3 and msg.header.frame_id == "test_cam"
+    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in got]
+    assert all(b > a for a, b in zip(stamps, stamps[1:])), "stamps strictly increase, across the loop too"
+    index = [_frame_index(m, decoded) for m in got]
+    assert all(b == (a + 1) % N for a, b in zip(index, index[1:])), f"frames in file order, looping: {index}"
+    assert 0 in index[1:], "the file looped"
+
+
+def test_synthetic_camera_publishes_true_action_with_each_frame_stamp():
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+
+    from hiera_perception.camera import CameraPublisher, parse_true_action
+    from hiera_perception.synth import ACTIONS
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        camera = CameraPublisher(context=context, parameter_overrides=[
+            Parameter("synthetic", value=True), Parameter("synthetic_seed", value=3)])
+        listener = Node("listener", context=context)
+        images: list[Image] = []
+        truths: list[String] = []
+        _collect(listener, "image", Image, images)
+        _collect(listener, "/camera_publisher/true_action", String, truths)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(camera)
+        executor.add_node(listener)
+        assert _spin(executor, lambda: len(images) >= 15 and len(truths) >= 15, 30.0)
+    finally:
+        context.try_shutdown()
+
+    truth = {stamp: action for action, stamp in (parse_true_action(m.data) for m in truths)}
+    assert set(truth.values()) <= set(ACTIONS)
+    for msg in images:
+        assert (msg.encoding, msg.width, msg.height, len(msg.data)) == ("rgb8", 160, 120, 160 * 120 * 3)
+    # Each topic is discovered on its own, so the first frames may lack their pair; the rest never do.
+    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in images]
+    assert sum(s in truth for s in stamps) >= 10
+
+
+def test_publish_command_remaps_the_topic_and_ends_with_the_video(video):
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from sensor_msgs.msg import Image
+
+    from hiera_perception import camera
+
+    path, decoded = video
+    parser = argparse.ArgumentParser()
+    camera.add_arguments(parser)
+    args = parser.parse_args(["--video", str(path), "--fps", "15", "--topic", "/test_cam/image_raw", "--size", "32x24"])
+
+    # The listener spins on a context of its own in a thread; the command owns the default context here.
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    got: list[Image] = []
+    stop = threading.Event()
+    listener = Node("listener", context=context)
+    _collect(listener, "/test_cam/image_raw", Image, got)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(listener)
+    thread = threading.Thread(target=lambda: _spin(executor, stop.is_set, 60.0), daemon=True)
+    thread.start()
+    try:
+        assert camera.main(args) == 0  # returns at the end of the (non-looping) file
+        time.sleep(0.3)  # the last frames in flight
+    finally:
+        stop.set()
+        thread.join(10.0)
+        context.try_shutdown()
+    assert 0 < len(got) <= N, "frames came on the remapped topic, the file played once"
+    assert all((m.width, m.height, m.encoding) == (32, 24, "rgb8") for m in got)

@@ -1,0 +1,167 @@
+"""The action_consumer example: its decision (threshold, hysteresis, timeout) and the node on real rclpy."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+# consumer.py is a ROS-layer file (it imports rclpy), so even its plain decision class needs ROS installed.
+pytestmark = pytest.mark.ros
+
+ROOT = Path(__file__).resolve().parent.parent
+WAVE = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+LEFT = (0.0, 0.0, 0.0, 0.0, 0.0, 0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_domain():
+    """A DDS domain for this module alone, on localhost (set before any rclpy.init here)."""
+    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
+    os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(60, 90))
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _decider(**kw):
+    from hiera_perception.consumer import ActionDecider, ConsumerConfig
+
+    cfg = dict(threshold=0.6, hysteresis_clips=3, timeout_s=1.0, commands={"wave": WAVE, "swipe_left": LEFT},
+               phrases={"wave": "someone is waving"})
+    return ActionDecider(ConsumerConfig(**{**cfg, **kw}))
+
+
+def test_hysteresis_needs_n_consecutive_confident_clips():
+    from hiera_perception.consumer import STOP
+
+    d = _decider()
+    assert d.on_clip(["swipe_left"], [0.9], 0.0) is None
+    assert d.on_clip(["swipe_left"], [0.8], 0.1) is None
+    assert (d.action, d.command) == (None, STOP)
+    assert d.on_clip(["swipe_left", "wave"], [0.7, 0.2], 0.2) == "someone is doing swipe left (0.80)"
+    assert (d.action, d.command) == ("swipe_left", LEFT)
+    # One noisy clip (another label) moves nothing, and restarts the count of the newcomer.
+    assert d.on_clip(["wave"], [0.95], 0.3) is None
+    assert d.on_clip(["swipe_left"], [0.9], 0.4) is None
+    assert d.on_clip(["wave"], [0.95], 0.5) is None
+    assert d.on_clip(["wave"], [0.91], 0.6) is None
+    assert d.command == LEFT
+    assert d.on_clip(["wave"], [0.93], 0.7) == "someone is waving (0.93)"
+    assert d.command == WAVE
+    assert d.on_clip(["wave"], [0.99], 0.8) is None, "no event while the action stays the same"
+
+
+def test_below_threshold_counts_as_no_clear_action_and_stops_after_n():
+    from hiera_perception.consumer import STOP
+
+    d = _decider(hysteresis_clips=2)
+    d.on_clip(["swipe_left"], [0.9], 0.0)
+    assert d.on_clip(["swipe_left"], [0.9], 0.1) is not None and d.command == LEFT
+    assert d.on_clip(["swipe_left"], [0.59], 0.2) is None, "one unsure clip moves nothing"
+    assert d.on_clip(["wave"], [0.61], 0.3) is None
+    assert d.on_clip([], [], 0.4) is None  # a model without a head: no label at all
+    assert d.command == LEFT
+    assert d.on_clip(["wave"], [0.3], 0.5) == "no clear action any more (was: someone is doing swipe left)"
+    assert (d.action, d.command) == (None, STOP)
+    # Confident clips of a label without a command: acted on (an event), and the command is stop.
+    d.on_clip(["idle"], [0.9], 0.6)
+    assert d.on_clip(["idle"], [0.7], 0.7) == "someone is doing idle (0.80)" and d.command == STOP
+
+
+def test_timeout_stops_at_once_then_needs_n_clips_again():
+    from hiera_perception.consumer import STOP
+
+    d = _decider(hysteresis_clips=1, timeout_s=1.0)
+    assert d.on_tick(5.0) is None, "no clip yet: nothing to time out"
+    assert d.on_clip(["swipe_left"], [0.9], 10.0) is not None and d.command == LEFT
+    assert d.on_tick(10.99) is None and d.command == LEFT
+    assert d.on_tick(11.0) == "no action features for 1 s; stopping (was: someone is doing swipe left)"
+    assert d.command == STOP
+    assert d.on_tick(20.0) is None, "one event per silence"
+    assert d.on_clip(["swipe_left"], [0.9], 21.0) is not None and d.command == LEFT
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="threshold must be in \\[0, 1\\], got 1.5"):
+        _decider(threshold=1.5)
+    with pytest.raises(ValueError, match="command of 'wave' needs 6 numbers"):
+        _decider(commands={"wave": (0.0, 1.0)})
+
+
+def test_shipped_yaml_is_a_valid_config():
+    from hiera_perception.consumer import ActionDecider, ConsumerConfig
+    from hiera_perception.synth import ACTIONS
+
+    params = yaml.safe_load((ROOT / "config" / "consumer.yaml").read_text())["action_consumer"]["ros__parameters"]
+    assert set(params["labels"]) == set(ACTIONS) == set(params["commands"]) == set(params["phrases"])
+    assert all(isinstance(v, float) for cmd in params["commands"].values() for v in cmd), "ROS needs 1.0, not 1"
+    d = ActionDecider(ConsumerConfig(threshold=params["threshold"], hysteresis_clips=params["hysteresis_clips"],
+                                     timeout_s=params["timeout_s"], commands=params["commands"],
+                                     phrases=params["phrases"]))
+    for i in range(params["hysteresis_clips"]):
+        event = d.on_clip(["swipe_right"], [0.9], float(i))
+    assert event == "someone swipes to the right (0.90)" and d.command[5] == -0.5
+
+
+def test_node_turns_features_into_cmd_vel_and_events():
+    """The node with the shipped params file, fed ActionFeatures over real DDS."""
+    import rclpy
+    from geometry_msgs.msg import Twist
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import String
+
+    from hiera_perception.consumer import ActionConsumer
+    from hiera_perception_msgs.msg import ActionFeatures
+
+    context = rclpy.Context()
+    rclpy.init(context=context, args=["--ros-args", "--params-file", str(ROOT / "config" / "consumer.yaml"),
+                                      "-p", "timeout_s:=0.5"])
+    try:
+        consumer = ActionConsumer(context=context)
+        assert list(consumer.get_parameter("commands.swipe_left").value) == list(LEFT)
+        peer = Node("peer", context=context)
+        reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        pub = peer.create_publisher(ActionFeatures, "action_features", reliable)
+        events: list[str] = []
+        twists: list[Twist] = []
+        peer.create_subscription(String, "events", lambda m: events.append(m.data), reliable)
+        peer.create_subscription(Twist, "cmd_vel", twists.append, reliable)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(consumer)
+        executor.add_node(peer)
+
+        def spin_until(pred, timeout_s=15.0):
+            deadline = time.monotonic() + timeout_s
+            while not pred() and time.monotonic() < deadline:
+                executor.spin_once(timeout_sec=0.02)
+            return pred()
+
+        assert spin_until(lambda: pub.get_subscription_count() == 1 and len(twists) >= 1)
+
+        def send(label, score):
+            pub.publish(ActionFeatures(labels=[label, "wave"], scores=[score, 1.0 - score], num_frames=8))
+            spin_until(lambda: False, 0.05)
+
+        for _ in range(2):
+            send("swipe_left", 0.9)
+        assert events == [] and twists[-1].angular.z == 0.0, "two clips are not enough with hysteresis 3"
+        send("swipe_left", 0.8)
+        assert spin_until(lambda: events == ["someone swipes to the left (0.87)"])
+        assert spin_until(lambda: twists[-1].angular.z == 0.5)
+        # Silence: stop after timeout_s, with an event.
+        assert spin_until(lambda: len(events) == 2, 5.0), events
+        assert events[1].startswith("no action features for 0.5 s; stopping")
+        assert spin_until(lambda: twists[-1].angular.z == 0.0)
+    finally:
+        context.try_shutdown()

@@ -1,0 +1,89 @@
+"""`hiera-perception demo`: a short real run (camera and node subprocesses, DDS on localhost), and its summary."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# The CLI when it has the command, else the module's own parser (the same add_arguments / main).
+RUN_DEMO = """\
+import argparse, logging, sys
+from hiera_perception import cli, demo
+if "demo" in cli.COMMANDS:
+    sys.exit(cli.main(["demo", *sys.argv[1:]]))
+logging.basicConfig(level=logging.INFO)
+p = argparse.ArgumentParser()
+demo.add_arguments(p)
+sys.exit(demo.main(p.parse_args()))
+"""
+# time, true action, labels, encoder version, latency, mark (none: truth unknown), "~" (a change within the clip)
+LINE = re.compile(r"^ *(\d+\.\d\d)s  true (\S+) +\| (.+?) +\| (\S+@\d+) \| +(\d+) ms  (ok|XX)?( ~)?$")
+SUMMARY = re.compile(r"^summary: (\d+) clips in [\d.]+ s \(([\d.]+) clips/s\); top label = true action for "
+                     r"([\d.]+)% of the (\d+) clips after the first second.*; latency p50 (\d+) ms, p95 (\d+) ms; "
+                     r"camera ([\d.]+) fps$")
+
+
+def test_summary_figures():
+    from hiera_perception.demo import DemoStats, format_summary
+
+    stats = DemoStats(received_s=[10.0, 10.5, 11.0, 11.5, 12.0], latencies_s=[0.05, 0.06, 0.07, 0.08, 0.5],
+                      scored=[(True, True), (True, True), (False, False), (True, True)],
+                      truth_stamps=31, truth_span_ns=(0, 10**9))
+    s = stats.summary()
+    assert s == {"clips": 5, "seconds": 2.0, "clips_per_s": 2.0, "scored_clips": 4, "correct_share": 0.75,
+                 "single_action_clips": 3, "single_action_correct_share": 1.0, "latency_p50_ms": 70.0,
+                 "latency_p95_ms": 416.0, "camera_fps": 30.0}
+    assert format_summary(s) == (
+        "summary: 5 clips in 2.0 s (2.00 clips/s); top label = true action for 75.0% of the 4 clips after the "
+        "first second (100.0% of the 3 within one action); latency p50 70 ms, p95 416 ms; camera 30.0 fps")
+
+
+@pytest.mark.ros
+def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
+    from hiera_perception.checkpoint import DEFAULT_MODEL, MODELS_DIR
+
+    embedded = (MODELS_DIR / DEFAULT_MODEL).is_file()
+    args = ["--duration", "8"]
+    if not embedded:  # until the embedded model ships: random weights with the synthetic action names
+        import torch
+
+        from hiera_perception.checkpoint import save_checkpoint
+        from hiera_perception.config import get_config
+        from hiera_perception.model import Hiera
+        from hiera_perception.synth import ACTIONS
+
+        torch.manual_seed(0)
+        model = Hiera(get_config("hiera_tiny_8x64", num_classes=len(ACTIONS)))
+        args += ["--model", str(save_checkpoint(tmp_path / "random.pt", model, labels=list(ACTIONS), model_id="rnd"))]
+    env = dict(os.environ, ROS_DOMAIN_ID=str(random.SystemRandom().randint(60, 90)),
+               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", RUN_DEMO, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = proc.stdout.splitlines()
+    lines = [LINE.match(line) for line in out[:-1]]
+    assert all(lines), f"every line but the last is a clip: {out}"
+    assert len(lines) >= 8, "8 s of clips at the node's hop (0.5 s)"
+    times = [float(m.group(1)) for m in lines]
+    assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))
+    summary = SUMMARY.match(out[-1])
+    assert summary, out[-1]
+    clips, clips_per_s, share, scored, p50, p95, camera_fps = summary.groups()
+    assert int(clips) == len(lines) and 0 < int(scored) < len(lines)
+    assert float(clips_per_s) > 0 and int(p50) <= int(p95) and float(camera_fps) > 20
+    correct = sum(m.group(6) == "ok" for m in lines[-int(scored):])  # the scored clips are the last ones
+    assert times[-int(scored)] >= 0.99 and times[-int(scored) - 1] < 1.01
+    assert float(share) == pytest.approx(100 * correct / int(scored), abs=0.06)
+    if embedded:
+        assert all(m.group(4).startswith("hiera_tiny_synthetic@") for m in lines)
+        assert float(share) >= 80.0, "the embedded model names the synthetic actions"
+    else:
+        assert all(m.group(4) == "rnd@0" for m in lines)
