@@ -178,7 +178,8 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "video_path": ("", _desc("Video file to publish (any format OpenCV reads); one source only")),
     "camera_index": (-1, _desc("OpenCV camera index (0 = /dev/video0); -1 = no webcam", -1, 63)),
     "synthetic": (False, _desc("Publish the synthetic action camera (and its true action on ~/true_action)")),
-    "fps": (30.0, _desc("Frames per second published; 0 = the source's own rate", 0.0, MAX_FPS, read_only=False)),
+    "fps": (30.0, _desc("Frames per second published; 0 = the source's own rate (synthetic: fixed at start)",
+                        0.0, MAX_FPS, read_only=False)),
     "loop": (False, _desc("Start the video file again at its end (stamps keep increasing)")),
     "frame_id": ("camera", _desc("header.frame_id of every image")),
     "width": (0, _desc("Output width in pixels (webcam: requested from the driver); 0 = the source's", 0, 8192)),
@@ -275,8 +276,9 @@ class CameraPublisher(Node):
 
     def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
         for p in params:
-            if p.name == "fps" and self.config.synthetic and p.value == 0.0:
-                return SetParametersResult(successful=False, reason="the synthetic camera needs fps > 0")
+            if p.name == "fps" and self.config.synthetic:
+                # Its motion and action lengths are laid out in frames of the rate it started with.
+                return SetParametersResult(successful=False, reason="the synthetic camera's fps is fixed at start")
         return SetParametersResult(successful=True)
 
     def _apply_parameters(self, params: list[Parameter]) -> None:

@@ -24,7 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.exceptions import (InvalidParameterTypeException, InvalidParameterValueException,
+                              ParameterUninitializedException)
 from rclpy.executors import ExternalShutdownException
 from rclpy.logging import get_logger
 from rclpy.node import Node
@@ -144,7 +145,10 @@ class ActionConsumer(Node):
         try:
             for name, (default, descriptor) in PARAMETERS.items():
                 self.declare_parameter(name, default, descriptor)
-            labels = list(self.get_parameter("labels").value or [])
+            try:
+                labels = list(self.get_parameter("labels").value or [])
+            except ParameterUninitializedException:  # declared by type only, and not given
+                labels = []
             for label in labels:
                 self.declare_parameter(f"commands.{label}", list(STOP), _desc(
                     f"Twist for {label!r}: [linear x, y, z, angular x, y, z] (m/s, rad/s)", read_only=True))

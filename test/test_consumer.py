@@ -165,3 +165,22 @@ def test_node_turns_features_into_cmd_vel_and_events():
         assert spin_until(lambda: twists[-1].angular.z == 0.0)
     finally:
         context.try_shutdown()
+
+
+def test_node_parameters_without_a_file_and_with_a_bad_command():
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from hiera_perception.consumer import ActionConsumer
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        plain = ActionConsumer(context=context)
+        assert plain.decider.config.commands == {} and plain.decider.config.threshold == 0.6
+        plain.destroy_node()
+        with pytest.raises(ValueError, match="command of 'wave' needs 6 numbers"):
+            ActionConsumer(context=context, parameter_overrides=[
+                Parameter("labels", value=["wave"]), Parameter("commands.wave", value=[0.0, 1.0])])
+    finally:
+        context.try_shutdown()
