@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,8 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+    # UnpicklingError: a file that is not a zip at all (text, a stray download) or holds forbidden objects
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
 
@@ -126,7 +128,9 @@ def _checkpoint_from_raw(raw: Any, path: Path) -> Checkpoint:
         cfg = config_from_dict(raw["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid config: {e}") from e
-    state = raw["model_state"]
+    state = raw.get("model_state")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: no 'model_state' dict of tensors: the file is incomplete or not ours")
     digest = _weights_sha256(state)
     if digest != raw.get("weights_sha256"):
         raise CheckpointError(f"{path}: weights sha256 {digest[:16]}... does not match the recorded "
