@@ -92,6 +92,8 @@ def main(args) -> int:
 
     def flush() -> None:
         nonlocal n
+        if not pending:  # the last batch ended exactly on a clip, or the video held none
+            return
         for clip, res in zip(pending, engine.infer([c.frames for c in pending])):
             n += 1
             if args.json:
