@@ -1,0 +1,327 @@
+"""Our checkpoints (save/load round trip, atomic writes, corruption, mismatches) and `load_model` sources.
+
+Parity of official-format files with the official module is test_parity.py's job; here official files
+only check which source `load_model` recognises and what it attaches (labels, id, version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiera_perception import atomic, checkpoint, weights
+from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from hiera_perception.config import CONFIGS, get_config
+from hiera_perception.mae import HieraMAE
+from hiera_perception.model import Hiera
+
+TINY = "hiera_tiny_8x64"
+LABELS = ["wave", "idle", "approach"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 cores shared by several developers: one thread is faster than two fighting for them.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(num_classes: int = 3, seed: int = 0) -> Hiera:
+    torch.manual_seed(seed)
+    model = Hiera(get_config(TINY, num_classes=num_classes)).eval()
+    with torch.no_grad():  # the default head init (x0.001) makes logits near-equal; spread them out
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def clip_batch(seed: int = 0, batch: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *get_config(TINY).input_size, generator=gen)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Round trip
+
+
+def test_round_trip_keeps_everything(tmp_path):
+    model = tiny()
+    path = save_checkpoint(tmp_path / "m.pt", model, labels=LABELS, model_id="robot_model", version=3, step=120,
+                           extra={"sampling": {"frame_stride_s": 0.1}, "note": "x"})
+    assert path == tmp_path / "m.pt"
+    ck = load_checkpoint(path)
+    assert ck.config == model.config
+    assert ck.labels == LABELS and ck.model_id == "robot_model" and ck.version == 3 and ck.step == 120
+    assert ck.extra == {"sampling": {"frame_stride_s": 0.1}, "note": "x"}
+    assert same_state(ck.model_state, model.state_dict())
+
+    loaded = load_model(path, device="cpu")
+    assert isinstance(loaded, Hiera) and not loaded.training
+    assert loaded.labels == LABELS and loaded.model_id == "robot_model" and loaded.version == 3
+    assert loaded.sampling == {"frame_stride_s": 0.1}
+    assert loaded.source_path == str(path)
+    assert same_state(loaded.state_dict(), model.state_dict())
+    x = clip_batch()
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a.embedding, b.embedding) and torch.equal(a.logits, b.logits)
+
+
+def test_defaults_model_id_is_config_name(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", tiny(num_classes=0))
+    ck = load_checkpoint(path)
+    assert ck.model_id == TINY and ck.version == 0 and ck.labels == [] and ck.step is None and ck.extra == {}
+    loaded = load_model(path, device="cpu")
+    assert loaded.head is None and loaded.labels == [] and loaded.sampling == {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def test_save_leaves_no_temp_files(tmp_path):
+    model = tiny()
+    for version in range(3):
+        save_checkpoint(tmp_path / "m.pt", model, version=version)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    assert load_checkpoint(tmp_path / "m.pt").version == 2
+
+
+@pytest.mark.parametrize("fail_in", ["fsync", "replace"])
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, fail_in):
+    path = save_checkpoint(tmp_path / "m.pt", tiny(seed=0), labels=LABELS, version=1)
+    before = sha256(path)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # fsync: the new bytes are written to the temp file but never made durable; replace: the rename fails.
+    monkeypatch.setattr(atomic.os, fail_in, boom)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, tiny(seed=1), labels=LABELS, version=2)
+    monkeypatch.undo()
+    assert sha256(path) == before
+    assert load_checkpoint(path).version == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # the temp file went too
+
+
+# ---------------------------------------------------------------------------------------------------
+# Corrupt, foreign and mismatched files
+
+
+def test_truncated_file(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", tiny())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        load_checkpoint(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_model(path, device="cpu")
+
+
+def _largest_storage_offset(path: Path) -> tuple[int, int]:
+    """(file offset, size) of the largest tensor storage inside the zip (stored, not compressed)."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        assert info.compress_type == zipfile.ZIP_STORED
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_flipped_bytes_in_a_weight_fail_the_sha256(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", tiny())
+    start, size = _largest_storage_offset(path)
+    raw = bytearray(path.read_bytes())
+    for i in range(start + size // 2, start + size // 2 + 4):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    torch.load(path, map_location="cpu", weights_only=True)  # the zip still opens: only the hash can tell
+    with pytest.raises(CheckpointError, match="sha256") as e:
+        load_checkpoint(path)
+    assert str(path) in str(e.value) and "corrupt" in str(e.value)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(path, device="cpu")
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "absent.pt")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="notes.pt.*not a readable PyTorch checkpoint"):
+        load_checkpoint(text)
+    official = tmp_path / "official.pt"
+    torch.save({"model_state": tiny().state_dict()}, official)
+    with pytest.raises(CheckpointError, match="official.pt.*not a hiera_perception checkpoint"):
+        load_checkpoint(official)
+
+
+def _rewrite(path: Path, **changes) -> None:
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw.update(changes)
+    torch.save(raw, path)
+
+
+def test_wrong_format_version_and_config(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", tiny())
+    _rewrite(path, format_version=99)
+    with pytest.raises(CheckpointError, match="m.pt: format_version 99"):
+        load_checkpoint(path)
+    path = save_checkpoint(tmp_path / "c.pt", tiny())
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    _rewrite(path, config={**raw["config"], "wings": 2})
+    with pytest.raises(CheckpointError, match="c.pt: invalid config.*wings"):
+        load_checkpoint(path)
+    path = save_checkpoint(tmp_path / "w.pt", tiny())
+    _rewrite(path, model_state=None)
+    with pytest.raises(CheckpointError, match="w.pt: no 'model_state'"):
+        load_checkpoint(path)
+    path = save_checkpoint(tmp_path / "d.pt", tiny())
+    _rewrite(path, config={**raw["config"], "embed_dim": 33})  # not divisible into its heads... and 33 != 32
+    with pytest.raises(CheckpointError, match="d.pt"):
+        load_model(path, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "weights_classes, config_classes, problem",
+    [(3, 0, "unexpected 2"), (0, 3, "missing 2"), (3, 5, "shape mismatch 2")],
+)
+def test_config_that_does_not_fit_the_weights(tmp_path, weights_classes, config_classes, problem):
+    model = tiny(num_classes=weights_classes)
+    model.config = model.config.replace(num_classes=config_classes)  # a file whose config lies
+    path = save_checkpoint(tmp_path / "lie.pt", model)
+    load_checkpoint(path)  # the file itself is intact (sha256 over what it holds)
+    with pytest.raises(CheckpointError) as e:
+        load_model(path, device="cpu")
+    msg = str(e.value)
+    assert str(path) in msg and "do not fit" in msg and problem in msg and "head.projection" in msg
+
+
+# ---------------------------------------------------------------------------------------------------
+# load_model sources
+
+
+def test_file_name_in_models_dir_and_default(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    model = tiny()
+    save_checkpoint(models / "shipped_model_for_test.pt", model, labels=LABELS, model_id="shipped", version=2)
+    monkeypatch.setattr(checkpoint, "MODELS_DIR", models)
+    monkeypatch.chdir(tmp_path)  # the bare name must not resolve against the working directory
+    loaded = load_model("shipped_model_for_test.pt", device="cpu")
+    assert loaded.model_id == "shipped" and loaded.version == 2 and loaded.labels == LABELS
+    assert loaded.source_path == str(models / "shipped_model_for_test.pt")
+    assert same_state(loaded.state_dict(), model.state_dict())
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", "shipped_model_for_test.pt")
+    assert load_model(None, device="cpu").model_id == "shipped"
+
+
+def test_official_file_with_arch(tmp_path):
+    model = tiny(num_classes=5)
+    path = tmp_path / "downloaded.pth"
+    torch.save({"model_state": model.state_dict()}, path)
+    with pytest.raises(ValueError, match="arch=.*hiera_tiny_8x64"):
+        load_model(path, device="cpu")
+    loaded = load_model(path, arch=TINY, device="cpu")
+    assert loaded.config.num_classes == 5  # the head size follows the file
+    assert loaded.model_id == TINY and loaded.version == 0 and loaded.labels == [] and loaded.sampling == {}
+    assert same_state(loaded.state_dict(), model.state_dict())
+    x = clip_batch(1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_official_file_recognised_by_its_name(tmp_path):
+    entry = weights.find_entry("hiera_base_16x224")
+    path = tmp_path / entry.filename  # hiera_base_16x224.pth, holding tiny weights
+    torch.save({"model_state": tiny().state_dict()}, path)
+    # No arch given: the file name picks hiera_base_16x224, whose shapes these weights do not have.
+    with pytest.raises(CheckpointError, match=r"hiera_base_16x224\.pth: weights do not fit hiera_base_16x224"):
+        load_model(path, device="cpu")
+    assert weights.entry_for_path(tmp_path / "renamed.pth") is None
+
+
+def test_official_mae_file_serves_its_encoder(tmp_path):
+    torch.manual_seed(2)
+    mae = HieraMAE(get_config(TINY))
+    # the official MAE layout: encoder keys at the top level, no final norm, no head
+    state = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in mae.state_dict().items()
+             if not k.startswith(("encoder.norm.", "encoder.head."))}
+    path = tmp_path / "mae.pth"
+    torch.save({"model_state": state}, path)
+    loaded = load_model(path, arch=TINY, device="cpu")
+    assert loaded.head is None
+    for k, v in loaded.state_dict().items():
+        if not k.startswith("norm."):
+            assert torch.equal(v, mae.encoder.state_dict()[k]), k
+
+
+def test_our_mae_checkpoint_serves_the_encoder_with_its_head(tmp_path):
+    model = tiny(num_classes=3)
+    mae = HieraMAE(model.config, encoder=model)
+    path = save_checkpoint(tmp_path / "mae.pt", mae, labels=LABELS, model_id="adapted", version=4)
+    assert any(k.startswith("decoder_") for k in load_checkpoint(path).model_state)
+    loaded = load_model(path, device="cpu")
+    assert isinstance(loaded, Hiera) and loaded.head is not None
+    assert loaded.labels == LABELS and loaded.model_id == "adapted" and loaded.version == 4
+    assert same_state(loaded.state_dict(), model.state_dict())
+
+
+def test_config_name_gives_random_weights_with_a_warning(caplog):
+    # The handler goes on the module's logger: the launch_testing pytest plugin turns propagation off.
+    logger = logging.getLogger(checkpoint.__name__)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
+            model = load_model(TINY, device="cpu")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert any("random weights" in r.getMessage() and TINY in r.getMessage() for r in caplog.records)
+    assert isinstance(model, Hiera) and model.config == CONFIGS[TINY]
+    assert model.model_id == TINY and model.version == 0 and model.labels == [] and model.source_path is None
+
+
+def test_unknown_source_lists_the_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as e:
+        load_model("no_such_model", device="cpu")
+    msg = str(e.value)
+    assert "'no_such_model'" in msg and "neither a file" in msg
+    assert all(name in msg for name in CONFIGS)
+
+
+def test_k400_head_gets_kinetics_names(tmp_path):
+    model = tiny(num_classes=400)
+    path = tmp_path / "k400.pth"
+    torch.save({"model_state": model.state_dict()}, path)
+    loaded = load_model(path, arch=TINY, device="cpu")
+    assert loaded.labels == weights.kinetics400_labels()
+    # our own checkpoint of a 400-class head without names gets them too; with names it keeps its own
+    ours = save_checkpoint(tmp_path / "k400.pt", model)
+    assert load_model(ours, device="cpu").labels[0] == "abseiling"
+    named = [f"c{i}" for i in range(400)]
+    ours = save_checkpoint(tmp_path / "named.pt", model, labels=named)
+    assert load_model(ours, device="cpu").labels == named
+
+
+def test_resolve_device():
+    assert checkpoint.resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert checkpoint.resolve_device("auto").type == expected

@@ -1,0 +1,128 @@
+"""The inference engine: uint8 frames of any size in, embedding + top-k labels out, fp32 and bf16."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hiera_perception.checkpoint import save_checkpoint
+from hiera_perception.config import get_config
+from hiera_perception.engine import Engine
+from hiera_perception.labeler import prototypes_path
+from hiera_perception.model import Hiera
+from hiera_perception.preprocess import preprocess_clip
+
+TINY = "hiera_tiny_8x64"
+LABELS = ["wave", "idle", "approach", "recede", "swipe"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 cores shared by several developers: one thread is faster than two fighting for them.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model_with_head(seed: int = 0) -> Hiera:
+    torch.manual_seed(seed)
+    model = Hiera(get_config(TINY, num_classes=len(LABELS))).eval()
+    with torch.no_grad():  # spread the logits (the default head init makes them near-equal)
+        torch.nn.init.normal_(model.head.projection.weight, std=0.5)
+    model.labels = list(LABELS)
+    return model
+
+
+def clip(rng: np.random.Generator, h: int, w: int, n: int = 8) -> list[np.ndarray]:
+    return list(rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8))
+
+
+def test_infer_any_frame_size_gives_embedding_and_top_k():
+    rng = np.random.default_rng(0)
+    model = model_with_head()
+    engine = Engine(model, device="cpu", top_k=3)
+    clips = [clip(rng, 64, 64), clip(rng, 48, 80), clip(rng, 120, 90), clip(rng, 240, 320)]
+    results = engine.infer(clips)
+    assert len(results) == 4
+    x = torch.cat([preprocess_clip(c, 64) for c in clips])
+    with torch.no_grad():
+        out = model(x)
+    for i, res in enumerate(results):
+        assert res.embedding.shape == (256,) and res.embedding.dtype == np.float32
+        assert np.array_equal(res.embedding, out.embedding[i].numpy())
+        probs = torch.softmax(out.logits[i], dim=-1)
+        top = torch.argsort(probs, descending=True)[:3]
+        assert res.labels == [LABELS[j] for j in top]
+        assert len(res.scores) == 3 and np.allclose(res.scores, probs[top].numpy(), rtol=0, atol=1e-7)
+
+
+def test_frame_size_does_not_change_what_the_model_sees():
+    # Resize short side + centre crop: a 2x pixel-repeated copy (area downscale averages equal pixels)
+    # and a copy with a border added left and right (the crop removes it) are the same clip.
+    rng = np.random.default_rng(1)
+    base = clip(rng, 64, 64)
+    doubled = [np.repeat(np.repeat(f, 2, axis=0), 2, axis=1) for f in base]
+    bordered = [np.concatenate([rng.integers(0, 256, (64, 16, 3), dtype=np.uint8), f,
+                                rng.integers(0, 256, (64, 16, 3), dtype=np.uint8)], axis=1) for f in base]
+    engine = Engine(model_with_head(), device="cpu")
+    a, b, c = engine.infer([base, doubled, bordered])
+    assert np.array_equal(a.embedding, b.embedding) and np.array_equal(a.embedding, c.embedding)
+    assert a.labels == b.labels == c.labels
+
+
+def test_batch_results_keep_their_order():
+    rng = np.random.default_rng(2)
+    clips = [clip(rng, 64, 64) for _ in range(3)]
+    engine = Engine(model_with_head(), device="cpu")
+    together = engine.infer(clips)
+    for c, res in zip(clips, together):
+        alone = engine.infer([c])[0]
+        assert np.allclose(alone.embedding, res.embedding, atol=1e-5) and alone.labels == res.labels
+
+
+def test_bf16_runs_on_cpu_close_to_fp32():
+    rng = np.random.default_rng(3)
+    clips = [clip(rng, 64, 64), clip(rng, 72, 96)]
+    model = model_with_head()
+    fp32 = Engine(model, device="cpu").infer(clips)
+    bf16 = Engine(model, device="cpu", precision="bf16").infer(clips)
+    for a, b in zip(fp32, bf16):
+        assert b.embedding.dtype == np.float32 and b.embedding.shape == (256,)
+        assert np.isfinite(b.embedding).all() and len(b.labels) == len(b.scores) == 5
+        cos = float(a.embedding @ b.embedding / (np.linalg.norm(a.embedding) * np.linalg.norm(b.embedding)))
+        assert cos > 0.99
+        assert not np.array_equal(a.embedding, b.embedding)  # it really ran in bf16
+        assert math.isclose(sum(b.scores), 1.0, rel_tol=1e-5)
+
+
+def test_bad_precision_and_frame_count():
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"):
+        Engine(model_with_head(), device="cpu", precision="fp16")
+    engine = Engine(model_with_head(), device="cpu")
+    rng = np.random.default_rng(4)
+    with pytest.raises(ValueError, match=f"must have 8 frames for {TINY}, got 7"):
+        engine.infer([clip(rng, 64, 64), clip(rng, 64, 64, n=7)])
+    with pytest.raises(ValueError, match="got 9"):
+        engine.teach("x", [clip(rng, 64, 64, n=9)])
+
+
+def test_encoder_version_and_clip_timing(tmp_path):
+    bare = Hiera(get_config(TINY))  # no checkpoint attributes at all
+    engine = Engine(bare, device="cpu")
+    assert engine.encoder_version == f"{TINY}@0"
+    assert engine.frame_stride_s == pytest.approx(4 / 30)  # official Kinetics sampling
+    assert engine.infer([clip(np.random.default_rng(5), 64, 64)])[0].labels == []  # headless, nothing taught
+    assert engine.prototypes.path is None
+
+    path = save_checkpoint(tmp_path / "robot.pt", model_with_head(), labels=LABELS, model_id="robot_model",
+                           version=4, extra={"sampling": {"frame_stride_s": 0.1}})
+    engine = Engine(str(path), device="cpu")
+    assert engine.encoder_version == "robot_model@4"
+    assert engine.frame_stride_s == 0.1
+    assert (engine.num_frames, engine.size) == (8, 64)
+    assert engine.prototypes.path == prototypes_path(path)
+    assert Engine(TINY, device="cpu").encoder_version == f"{TINY}@0"

@@ -1,0 +1,294 @@
+"""The labeler (softmax top-k over the head and taught prototypes), prototypes on disk, and teaching.
+
+Teaching runs end to end through the Engine on a fixed random tiny model: two actions that look
+nothing alike (a bright bar sweeping across a dark room; a still checkerboard) are separated by any
+encoder, so a label taught from a few clips of one must win on new clips of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hiera_perception import cli, dataset
+from hiera_perception.checkpoint import save_checkpoint
+from hiera_perception.config import get_config
+from hiera_perception.engine import Engine
+from hiera_perception.labeler import COSINE_TEMPERATURE, Labeler, Prototypes, prototypes_path
+from hiera_perception.model import Hiera
+
+TINY = "hiera_tiny_8x64"
+T = 8  # frames of a TINY clip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 cores shared by several developers: one thread is faster than two fighting for them.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def head(k: int, c: int, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(c, k)
+    with torch.no_grad():
+        lin.bias.normal_(0.0, 0.5)
+    return lin
+
+
+# ---------------------------------------------------------------------------------------------------
+# Softmax top-k over the head
+
+
+def test_top_k_is_the_softmax_of_the_logits():
+    names = [f"a{i}" for i in range(6)]
+    lab = Labeler(names, head(6, 16), top_k=3)
+    logits = torch.tensor([0.3, 2.0, -1.0, 1.5, 0.0, 1.9])
+    got_names, got_scores = lab(torch.randn(16), logits)
+    probs = torch.softmax(logits, dim=-1)
+    order = torch.argsort(probs, descending=True)[:3]
+    assert got_names == ["a1", "a5", "a3"] == [names[i] for i in order]
+    assert got_scores == probs[order].tolist()  # exact: the same float32 softmax
+    assert got_scores == sorted(got_scores, reverse=True)
+
+
+def test_top_k_larger_than_the_classes_and_default_names():
+    lab = Labeler([], head(3, 8), top_k=5)
+    assert lab.names == ["class_0", "class_1", "class_2"]
+    names, scores = lab(torch.randn(8), torch.tensor([1.0, 3.0, 2.0]))
+    assert names == ["class_1", "class_2", "class_0"] and len(scores) == 3
+    assert math.isclose(sum(scores), 1.0, rel_tol=1e-6)
+
+
+def test_headless_without_prototypes_gives_nothing():
+    assert Labeler([], None)(torch.randn(8), None) == ([], [])
+
+
+def test_labeler_arguments_are_checked():
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        Labeler([], head(3, 8), top_k=0)
+    with pytest.raises(ValueError, match="2 label names for a head of 3 classes"):
+        Labeler(["a", "b"], head(3, 8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prototypes
+
+
+def test_prototypes_add_save_load_round_trip(tmp_path):
+    path = tmp_path / "m.pt.prototypes.json"
+    rng = np.random.default_rng(0)
+    protos = Prototypes(4, path)
+    assert protos.names == [] and protos.matrix().shape == (0, 4)
+    a = rng.normal(size=(3, 4))
+    assert protos.add("wave", a) == 3
+    assert protos.add("wave", rng.normal(size=(2, 4))) == 5  # reinforcing adds to what it knew
+    assert protos.add("nod", rng.normal(size=4)) == 1  # one embedding [C] is one clip
+    protos.save()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # atomic: no temp file left
+    data = json.loads(path.read_text())
+    assert data["dim"] == 4 and data["labels"]["wave"]["count"] == 5 and data["labels"]["nod"]["count"] == 1
+
+    again = Prototypes(4, path)
+    assert again.names == ["wave", "nod"]
+    assert torch.equal(again.matrix(), protos.matrix())
+    m = again.matrix()
+    assert m.shape == (2, 4) and torch.allclose(m.norm(dim=1), torch.ones(2))
+    assert again.remove("nod") and not again.remove("nod") and again.names == ["wave"]
+
+
+def test_prototype_is_the_mean_direction_of_unit_embeddings():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(5, 6)) * rng.uniform(0.1, 10, size=(5, 1))  # norms must not weigh
+    protos = Prototypes(6)
+    protos.add("x", emb)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    mean = unit.mean(axis=0)
+    np.testing.assert_allclose(protos.matrix()[0].numpy(), mean / np.linalg.norm(mean), rtol=1e-6)
+
+
+def test_prototype_file_errors(tmp_path):
+    path = tmp_path / "p.json"
+    p = Prototypes(4, path)
+    p.add("a", np.ones((1, 4)))
+    p.save()
+    with pytest.raises(ValueError, match=r"p\.json: unreadable taught labels: embedding size 4, the model's is 8"):
+        Prototypes(8, path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"p\.json: unreadable taught labels"):
+        Prototypes(4, path)
+    with pytest.raises(ValueError, match="non-empty name"):
+        Prototypes(4).add("  ", np.ones((1, 4)))
+    with pytest.raises(ValueError, match="no clips to teach 'a'"):
+        Prototypes(4).add("a", np.zeros((0, 4)))
+    Prototypes(4).save()  # no path: nothing to write, no error
+
+
+def test_prototypes_path_is_beside_the_model(tmp_path):
+    assert prototypes_path(tmp_path / "models" / "m.pt") == tmp_path / "models" / "m.pt.prototypes.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Imprinted weights and the cosine classifier
+
+
+def test_imprinted_logit_equals_head_scale_times_cosine():
+    C, K = 16, 4
+    lin = head(K, C, seed=3)
+    rng = np.random.default_rng(3)
+    taught = {"taught": rng.normal(size=(3, C)), "other": rng.normal(size=(2, C))}
+    protos = Prototypes(C)
+    for name, emb in taught.items():
+        protos.add(name, emb)
+    lab = Labeler(list("abcd"), lin, top_k=K + 2, prototypes=protos)
+    e = torch.randn(C, generator=torch.Generator().manual_seed(3)) * 3.0
+    logits = lin(e).detach()
+    names, scores = lab(e, logits)
+
+    # independently, in float64: logit_p = mean row norm * cos(p, e) * |e| + mean bias
+    W, b, ev = lin.weight.detach().double(), lin.bias.detach().double(), e.double()
+    expected = dict(zip("abcd", logits.double().tolist()))
+    for name in ("taught", "other"):
+        emb = torch.from_numpy(taught[name])
+        p = (emb / emb.norm(dim=1, keepdim=True)).mean(dim=0)  # mean of the unit embeddings
+        cos = torch.dot(p, ev) / (p.norm() * ev.norm())
+        expected[name] = (W.norm(dim=1).mean() * cos * ev.norm() + b.mean()).item()
+    z = torch.tensor(list(expected.values()), dtype=torch.float64)
+    probs = dict(zip(expected, torch.softmax(z, dim=0).tolist()))
+    assert sorted(names) == sorted(expected)
+    assert names == sorted(expected, key=lambda n: -probs[n])
+    for n, s in zip(names, scores):
+        assert math.isclose(s, probs[n], rel_tol=1e-5, abs_tol=1e-7), n
+
+
+def test_headless_model_ranks_taught_labels_by_cosine():
+    C = 8
+    protos = Prototypes(C)
+    protos.add("left", np.eye(C)[0])
+    protos.add("up", np.eye(C)[1])
+    protos.add("diag", (np.eye(C)[0] + np.eye(C)[2]))
+    lab = Labeler([], None, top_k=3, prototypes=protos)
+    e = torch.tensor([2.0, 0.5, 1.0, 0, 0, 0, 0, 0])
+    names, scores = lab(e, None)
+    cos = {"left": 2.0, "up": 0.5, "diag": 3.0 / math.sqrt(2)}
+    cos = {k: v / e.norm().item() for k, v in cos.items()}
+    z = torch.tensor([COSINE_TEMPERATURE * cos[n] for n in ("left", "up", "diag")], dtype=torch.float64)
+    probs = dict(zip(("left", "up", "diag"), torch.softmax(z, dim=0).tolist()))
+    assert names == ["diag", "left", "up"]
+    for n, s in zip(names, scores):
+        assert math.isclose(s, probs[n], rel_tol=1e-5), n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teaching end to end
+
+
+def sweep(rng: np.random.Generator, n: int = T, h: int = 72, w: int = 96) -> list[np.ndarray]:
+    """A bright bar sweeping left to right across a dark, noisy room: n RGB uint8 frames [h, w, 3]."""
+    frames = np.full((n, h, w, 3), rng.uniform(0, 40), np.float32) + rng.normal(0, 4, (n, h, w, 3))
+    width, color, x0 = int(rng.integers(8, 14)), rng.uniform(200, 255, 3), rng.uniform(0, 0.3 * w)
+    for t in range(n):
+        x = int(x0 + t * 0.6 * w / n)
+        frames[t, :, x : x + width] = color
+    return list(np.clip(frames, 0, 255).astype(np.uint8))
+
+
+def checker(rng: np.random.Generator, n: int = T, h: int = 72, w: int = 96) -> list[np.ndarray]:
+    """A still, mid-grey checkerboard with sensor noise: n RGB uint8 frames [h, w, 3]."""
+    cell, a, b = int(rng.integers(4, 9)), rng.uniform(90, 140, 3), rng.uniform(150, 220, 3)
+    yy, xx = np.mgrid[0:h, 0:w]
+    board = np.where((((yy // cell) + (xx // cell)) % 2 == 0)[..., None], a, b)
+    frames = np.stack([board + rng.normal(0, 4, board.shape) for _ in range(n)])
+    return list(np.clip(frames, 0, 255).astype(np.uint8))
+
+
+def random_model(num_classes: int = 0, seed: int = 0) -> Hiera:
+    torch.manual_seed(seed)
+    model = Hiera(get_config(TINY, num_classes=num_classes)).eval()
+    if model.head is not None:
+        with torch.no_grad():
+            torch.nn.init.normal_(model.head.projection.weight, std=0.05)
+    return model
+
+
+def test_taught_label_wins_on_new_clips(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "taught.json"
+    engine = Engine(random_model(), device="cpu", prototypes_file=str(path))
+    assert engine.infer([sweep(rng)])[0].labels == []  # headless, nothing taught yet
+    assert engine.teach("new", [sweep(rng) for _ in range(3)]) == 3
+    assert engine.teach("other", [checker(rng) for _ in range(3)]) == 3
+    assert path.is_file()
+
+    # a fresh engine on the same file knows both labels (they persist), and ranks new clips right
+    fresh = Engine(random_model(), device="cpu", prototypes_file=str(path))
+    assert fresh.prototypes.names == ["new", "other"]
+    for res in fresh.infer([sweep(rng) for _ in range(4)]):
+        assert res.labels == ["new", "other"] and res.scores[0] > 0.9
+    for res in fresh.infer([checker(rng) for _ in range(4)]):
+        assert res.labels == ["other", "new"] and res.scores[0] > 0.9
+
+
+def test_taught_label_ranks_with_the_head_classes():
+    rng = np.random.default_rng(1)
+    engine = Engine(random_model(num_classes=3, seed=1), device="cpu", top_k=4)
+    engine.teach("new", [sweep(rng) for _ in range(3)])
+    for res in engine.infer([sweep(rng) for _ in range(3)]):
+        assert res.labels[0] == "new" and sorted(res.labels) == ["class_0", "class_1", "class_2", "new"]
+    for res in engine.infer([checker(rng) for _ in range(3)]):  # never taught: a head class wins
+        assert res.labels[0] != "new"
+
+
+def _data_folder(root, rng) -> tuple:
+    ext = dataset.video_format()[0]
+    rows = []
+    for i in range(2):
+        for label, make in (("sweep", sweep), ("board", checker)):
+            name = f"{label}{i}{ext}"
+            dataset.write_video(root / name, np.stack(make(rng, n=16)), fps=8.0)  # 2 s: a clip at any stride here
+            rows.append((name, label))
+    dataset.write_labels_csv(root, rows + [(rows[0][0], None)])  # an unlabeled row is skipped
+    return rows
+
+
+def test_teach_cli_writes_prototypes_beside_the_model(tmp_path):
+    rng = np.random.default_rng(2)
+    data = tmp_path / "data"
+    data.mkdir()
+    _data_folder(data, rng)
+    model_path = save_checkpoint(tmp_path / "robot.pt", random_model(), model_id="robot",
+                                 extra={"sampling": {"frame_stride_s": 1 / 8}})
+    args = ["teach", "--model", str(model_path), "--data", str(data), "--device", "cpu", "--clips-per-video", "1"]
+    assert cli.main(args + ["--label", "sweep"]) == 0
+    proto_file = prototypes_path(model_path)
+    assert proto_file == tmp_path / "robot.pt.prototypes.json" and proto_file.is_file()
+    assert {n: r["count"] for n, r in json.loads(proto_file.read_text())["labels"].items()} == {"sweep": 2}
+    assert cli.main(args) == 0  # every label of the folder; sweep is reinforced
+    counts = {n: r["count"] for n, r in json.loads(proto_file.read_text())["labels"].items()}
+    assert counts == {"sweep": 4, "board": 2}
+
+    engine = Engine(str(model_path), device="cpu")  # the model's file finds its taught labels
+    assert engine.prototypes.path == proto_file
+    assert engine.infer([sweep(rng)])[0].labels[0] == "sweep"
+    assert engine.infer([checker(rng)])[0].labels[0] == "board"
+
+
+def test_teach_cli_without_a_model_file_needs_a_prototypes_path(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _data_folder(data, np.random.default_rng(3))
+    with pytest.raises(SystemExit, match="--prototypes"):
+        cli.main(["teach", "--model", TINY, "--data", str(data), "--device", "cpu"])
+    out = tmp_path / "mine.json"
+    assert cli.main(["teach", "--model", TINY, "--data", str(data), "--device", "cpu", "--prototypes", str(out),
+                     "--label", "board"]) == 0
+    assert list(json.loads(out.read_text())["labels"]) == ["board"]
+    with pytest.raises(SystemExit, match="no labelled clips of 'nothing'"):
+        cli.main(["teach", "--model", TINY, "--data", str(data), "--device", "cpu", "--prototypes", str(out),
+                  "--label", "nothing"])
