@@ -37,8 +37,9 @@ endif
 	$(PY) tools/ament_prefix_pth.py
 	touch $@
 
-# rosidl code generation and a C build through scikit-build-core, in pip's isolated build environment.
-$(VENV)/.msgs-installed: $(VENV)/.deps-installed $(MSGS_SOURCES)
+# rosidl code generation and a C build through scikit-build-core, in pip's isolated build environment (about a
+# minute). Rebuilt when its sources or the ROS 2 wheels' versions change, not for other requirements.
+$(VENV)/.msgs-installed: $(MSGS_SOURCES) requirements-ros.txt | $(VENV)/.deps-installed
 	$(PIP) install ./$(MSGS)
 	touch $@
 
