@@ -1,0 +1,264 @@
+"""Data folders: `labels.csv` (columns path,label; an empty label means unlabeled) beside video files.
+
+The videos may be in any format OpenCV reads; paths in the csv are relative to its folder (absolute
+paths also work). A clip is sampled on the video's *timeline* exactly as the live clip buffer samples a
+camera: sample k is at start_s + k * frame_stride_s, and takes the last frame whose stamp is at or
+before that time. So a model sees the same clips from a file as from the robot, whatever the file's
+frame rate. Writers (`write_video`, `write_labels_csv`) are here too, so every data folder is made
+the way it is read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from hiera_perception.atomic import atomic_write_text
+from hiera_perception.preprocess import crop_resize
+from hiera_perception.video import iter_frames
+
+__all__ = [
+    "LABELS_CSV", "Item", "read_labels_csv", "sample_times", "load_clip", "video_last_stamp", "ClipDataset",
+    "write_labels_csv", "write_video", "video_format",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+LABELS_CSV = "labels.csv"
+_EPS_S = 1e-6  # stamps and sample times are computed in floating point; equal within this counts as equal
+
+
+@dataclass(frozen=True)
+class Item:
+    """One row of labels.csv: the video's path (resolved) and its label (None when unlabeled)."""
+
+    path: Path
+    label: str | None
+
+
+def read_labels_csv(folder: str | Path) -> list[Item]:
+    """The rows of `folder`/labels.csv (or of the csv file given), in file order, every video checked to exist."""
+    folder = Path(folder)
+    csv_path = folder if folder.is_file() else folder / LABELS_CSV
+    if not csv_path.is_file():
+        raise FileNotFoundError(
+            f"no {LABELS_CSV} in {folder}: a data folder holds labels.csv (columns path,label) beside its videos"
+        )
+    items: list[Item] = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate the BOM spreadsheets write
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in ("path", "label") if c not in columns]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; found {columns}; expected columns path,label")
+        reader.fieldnames = columns
+        for row_number, row in enumerate(reader, start=1):
+            where = f"{csv_path} row {row_number} (line {reader.line_num})"
+            name = (row.get("path") or "").strip()
+            if not name:
+                raise ValueError(f"{where}: empty path")
+            path = Path(name) if Path(name).is_absolute() else csv_path.parent / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{where}: video not found: {name} (looked for {path})")
+            items.append(Item(path, (row.get("label") or "").strip() or None))
+    if not items:
+        raise ValueError(f"{csv_path} names no videos")
+    return items
+
+
+def write_labels_csv(folder: str | Path, rows: Iterable[tuple[str, str | None]]) -> Path:
+    """Write folder/labels.csv atomically from (path, label or None) rows; returns its path."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("path", "label"))
+    writer.writerows((str(path), label or "") for path, label in rows)
+    path = Path(folder) / LABELS_CSV
+    atomic_write_text(path, text.getvalue())
+    return path
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, fourcc: str | None = None) -> Path:
+    """RGB uint8 [T, H, W, 3] -> a video file, written under a temporary name and renamed into place.
+
+    `fourcc` defaults to the one `video_format()` found to round-trip; the extension of `path` picks
+    the container, so it should match (.mp4 for mp4v, .avi for MJPG).
+    """
+    path = Path(path)
+    fourcc = fourcc or video_format()[1]
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the extension: it picks the container
+    h, w = frames.shape[1:3]
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc), float(fps), (w, h))
+    try:
+        if not writer.isOpened():
+            raise OSError(f"OpenCV cannot open a {fourcc} video writer for {tmp}")
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise OSError(f"OpenCV wrote nothing to {tmp}")
+        os.replace(tmp, path)
+    finally:
+        writer.release()
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+_FORMAT: tuple[str, str] | None = None
+
+
+def video_format() -> tuple[str, str]:
+    """(extension, fourcc) this OpenCV can write *and* read back: mp4v .mp4, else MJPG .avi."""
+    global _FORMAT
+    if _FORMAT is None:
+        _FORMAT = (".avi", "MJPG")
+        frames = np.zeros((3, 32, 32, 3), np.uint8)
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                path = write_video(Path(d) / "probe.mp4", frames, 30.0, "mp4v")
+                if sum(1 for _ in iter_frames(path)) == len(frames):
+                    _FORMAT = (".mp4", "mp4v")
+            except (OSError, ValueError):
+                pass
+        if _FORMAT[1] != "mp4v":
+            log.warning("OpenCV cannot round-trip mp4v .mp4 here; writing MJPG .avi")
+    return _FORMAT
+
+
+def sample_times(num_frames: int, frame_stride_s: float, start_s: float = 0.0) -> np.ndarray:
+    """The clip's sample times in seconds: start_s + k * frame_stride_s for k < num_frames."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if not frame_stride_s > 0:
+        raise ValueError(f"frame_stride_s must be > 0, got {frame_stride_s}")
+    if start_s < 0:
+        raise ValueError(f"start_s must be >= 0, got {start_s}")
+    return start_s + np.arange(num_frames) * frame_stride_s
+
+
+def load_clip(
+    path: str | Path, num_frames: int, frame_stride_s: float, start_s: float = 0.0, size: int | None = None
+) -> np.ndarray:
+    """Decode one clip: uint8 RGB [num_frames, H, W, 3] ([num_frames, size, size, 3] after crop_resize when given).
+
+    Sample k takes the last frame with stamp <= start_s + k * frame_stride_s. The video is read once,
+    up to the frame that covers the last sample time; a video that ends before it is an error.
+    """
+    times = sample_times(num_frames, frame_stride_s, start_s)
+    out: list[np.ndarray] = []
+    prev: np.ndarray | None = None
+    count, last_stamp = 0, -math.inf
+    for stamp, frame in iter_frames(path):
+        # Every pending sample before this frame's stamp takes the previous frame.
+        while len(out) < num_frames and times[len(out)] < stamp - _EPS_S:
+            out.append(prev)
+        prev = frame if size is None else crop_resize(frame, size)
+        count, last_stamp = count + 1, stamp
+        if stamp >= times[-1] - _EPS_S:  # this frame covers every remaining sample
+            out.extend([prev] * (num_frames - len(out)))
+            return np.stack(out)
+    raise ValueError(
+        f"video {path} is too short: its {count} frames end at {max(last_stamp, 0.0):.3f} s, but a clip of "
+        f"{num_frames} frames every {frame_stride_s:.4g} s from {start_s:.3f} s needs a frame at {times[-1]:.3f} s"
+    )
+
+
+def video_last_stamp(path: str | Path) -> float:
+    """Stamp (s) of the video's last frame, from the container's frame count and rate (no decoding).
+
+    Falls back to decoding when the container does not report a frame count.
+    """
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise ValueError(f"OpenCV cannot open video {path} (unknown format or corrupt file)")
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps = cap.get(cv2.CAP_PROP_FPS)
+    finally:
+        cap.release()
+    if count > 0:
+        return (count - 1) / (fps if fps and fps > 0 else 30.0)  # the same fallback rate as iter_frames
+    last = None
+    for last, _ in iter_frames(path):
+        pass
+    if last is None:
+        raise ValueError(f"video {path} has no decodable frames")
+    return last
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Clips from a data folder: item i -> (uint8 [T, S, S, 3] crop_resize'd clip, label index or -1).
+
+    Each video gives `clips_per_video` items. Eval (train=False) puts their starts evenly over the video
+    (centred in equal slots, so one clip per video is its middle); train=True draws each start uniformly
+    from torch's generator, which a DataLoader seeds per worker. There is deliberately no horizontal flip:
+    it would turn swipe_left into swipe_right and circle_cw into circle_ccw.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        num_frames: int,
+        frame_stride_s: float,
+        size: int,
+        clips_per_video: int = 1,
+        train: bool = False,
+        classes: Sequence[str] | None = None,
+    ):
+        sample_times(num_frames, frame_stride_s)  # validates both
+        if size < 1 or clips_per_video < 1:
+            raise ValueError(f"size and clips_per_video must be >= 1; got {size=}, {clips_per_video=}")
+        self.folder = Path(folder)
+        self.items = read_labels_csv(folder)
+        self.num_frames, self.frame_stride_s, self.size = num_frames, frame_stride_s, size
+        self.clips_per_video, self.train = clips_per_video, train
+        found = sorted({it.label for it in self.items if it.label is not None})
+        if classes is None:
+            classes = found
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise ValueError(f"labels {unknown} in {self.folder} are not among the classes {list(classes)}")
+        self.classes = list(classes)
+        self._class_index = {c: i for i, c in enumerate(self.classes)}
+        self._last_stamps: dict[Path, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.items) * self.clips_per_video
+
+    def labels(self) -> list[int]:
+        """The label index (or -1) of every item, in order, without decoding anything."""
+        return [self._label_index(self.items[i // self.clips_per_video]) for i in range(len(self))]
+
+    def _label_index(self, item: Item) -> int:
+        return -1 if item.label is None else self._class_index[item.label]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} clips")
+        item = self.items[index // self.clips_per_video]
+        if item.path not in self._last_stamps:
+            self._last_stamps[item.path] = video_last_stamp(item.path)
+        span = (self.num_frames - 1) * self.frame_stride_s
+        max_start = self._last_stamps[item.path] - span
+        if max_start < -_EPS_S:
+            raise ValueError(
+                f"video {item.path} lasts {self._last_stamps[item.path]:.3f} s, shorter than a clip of "
+                f"{self.num_frames} frames every {self.frame_stride_s:.4g} s ({span:.3f} s)"
+            )
+        max_start = max(max_start, 0.0)
+        if self.train:
+            start = float(torch.rand(())) * max_start
+        else:
+            start = max_start * ((index % self.clips_per_video) + 0.5) / self.clips_per_video
+        clip = load_clip(item.path, self.num_frames, self.frame_stride_s, start, size=self.size)
+        return torch.from_numpy(clip), self._label_index(item)

@@ -1,0 +1,108 @@
+"""Data folders: labels.csv parsing and its errors, timeline sampling of clips, the torch ClipDataset."""
+
+import numpy as np
+import pytest
+import torch
+
+from hiera_perception.dataset import ClipDataset, Item, load_clip, read_labels_csv
+from hiera_perception.preprocess import crop_resize
+from hiera_perception.synth import ACTIONS, write_dataset
+from hiera_perception.video import iter_frames
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """8 tiny clips, one per action: 1 s at 10 fps (stamps 0.0 .. 0.9), 32x40 (H x W)."""
+    out = tmp_path_factory.mktemp("data")
+    write_dataset(out, 8, seed=0, seconds=1.0, fps=10.0, size=(32, 40), progress=False)
+    return out
+
+
+def all_frames(path):
+    return [frame for _, frame in iter_frames(path)]
+
+
+def test_read_labels_csv(folder):
+    items = read_labels_csv(folder)
+    assert [it.label for it in items] == list(ACTIONS)
+    assert all(isinstance(it, Item) and it.path.is_file() and it.path.parent == folder for it in items)
+    assert read_labels_csv(folder / "labels.csv") == items
+
+
+def test_load_clip_takes_the_last_frame_at_or_before_each_sample_time(folder):
+    path = read_labels_csv(folder)[0].path
+    frames = all_frames(path)
+    assert len(frames) == 10
+    clip = load_clip(path, 4, 0.2, start_s=0.1)  # times 0.1, 0.3, 0.5, 0.7 -> frames 1, 3, 5, 7
+    assert clip.shape == (4, 32, 40, 3) and clip.dtype == np.uint8
+    for got, index in zip(clip, (1, 3, 5, 7)):
+        np.testing.assert_array_equal(got, frames[index])
+    clip = load_clip(path, 5, 0.05, start_s=0.62)  # 0.62 .. 0.82: frames 6, 6, 7, 7, 8
+    for got, index in zip(clip, (6, 6, 7, 7, 8)):
+        np.testing.assert_array_equal(got, frames[index])
+    clip = load_clip(path, 10, 0.1)  # the whole video, sample times on the stamps
+    np.testing.assert_array_equal(clip, np.stack(frames))
+
+
+def test_load_clip_resizes_and_rejects_short_videos(folder):
+    path = read_labels_csv(folder)[1].path
+    clip = load_clip(path, 3, 0.1, size=16)
+    assert clip.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(clip[2], crop_resize(all_frames(path)[2], 16))
+    with pytest.raises(ValueError, match="too short.*needs a frame at 1.000 s"):
+        load_clip(path, 11, 0.1)
+    with pytest.raises(ValueError, match="frame_stride_s"):
+        load_clip(path, 3, 0.0)
+
+
+def test_bad_csv_errors_name_the_problem(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="labels.csv"):
+        read_labels_csv(tmp_path)
+    (tmp_path / "labels.csv").write_text("file,label\nclip.mp4,wave\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['path'\]; found \['file', 'label'\]"):
+        read_labels_csv(tmp_path)
+    video = read_labels_csv(folder)[0].path
+    (tmp_path / "labels.csv").write_text(f"path,label\n{video},wave\nmissing.mp4,idle\n")
+    with pytest.raises(FileNotFoundError, match="row 2 .*missing.mp4"):
+        read_labels_csv(tmp_path)
+    (tmp_path / "labels.csv").write_text("path,label\n,wave\n")
+    with pytest.raises(ValueError, match="row 1 .*empty path"):
+        read_labels_csv(tmp_path)
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    with pytest.raises(ValueError, match="names no videos"):
+        read_labels_csv(tmp_path)
+
+
+def test_clip_dataset_eval(folder):
+    ds = ClipDataset(folder, num_frames=4, frame_stride_s=0.2, size=16, clips_per_video=2)
+    assert ds.classes == sorted(ACTIONS) and len(ds) == 16
+    clip, label = ds[3]  # video 1 (swipe_left), second of two evenly spaced clips
+    assert clip.shape == (4, 16, 16, 3) and clip.dtype == torch.uint8
+    assert label == ds.classes.index("swipe_left")
+    assert ds.labels()[3] == label
+    # Span 0.6 s of a video ending at 0.9 s: starts 0.075 and 0.225 -> frames 0,2,4,6 and 2,4,6,8.
+    frames = [crop_resize(f, 16) for f in all_frames(ds.items[1].path)]
+    np.testing.assert_array_equal(ds[2][0].numpy(), np.stack([frames[i] for i in (0, 2, 4, 6)]))
+    np.testing.assert_array_equal(clip.numpy(), np.stack([frames[i] for i in (2, 4, 6, 8)]))
+    np.testing.assert_array_equal(ds[3][0], clip)  # eval is deterministic
+
+
+def test_clip_dataset_train_draws_random_starts(folder):
+    ds = ClipDataset(folder, num_frames=3, frame_stride_s=0.1, size=8, train=True)
+    torch.manual_seed(0)
+    first = [ds[0][0] for _ in range(6)]
+    torch.manual_seed(0)
+    again = [ds[0][0] for _ in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # reproducible from torch's generator
+    assert len({bytes(c.numpy()) for c in first}) > 1  # but not always the same start
+
+
+def test_clip_dataset_classes_unlabeled_and_too_short(tmp_path, folder):
+    unlabeled = tmp_path / "u"
+    write_dataset(unlabeled, 2, seed=1, seconds=0.3, fps=10.0, size=(16, 16), unlabeled=True, progress=False)
+    ds = ClipDataset(unlabeled, num_frames=2, frame_stride_s=0.1, size=8, classes=["a", "b"])
+    assert ds.classes == ["a", "b"] and ds[1][1] == -1
+    with pytest.raises(ValueError, match="too short|shorter than a clip"):
+        ClipDataset(unlabeled, num_frames=4, frame_stride_s=0.1, size=8)[0]
+    with pytest.raises(ValueError, match="not among the classes"):
+        ClipDataset(folder, num_frames=2, frame_stride_s=0.1, size=8, classes=["wave"])

@@ -1,0 +1,180 @@
+"""The synthetic action world: determinism, shapes, shifts, motion that only time reveals, the CLI."""
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+
+from hiera_perception import cli
+from hiera_perception.synth import ACTIONS, SHIFTS, SyntheticCamera, _Scene, render_clip
+from hiera_perception.video import iter_frames
+
+SIZE = (24, 32)  # (H, W): tiny and not square
+
+
+def rng(*key):
+    return np.random.default_rng(list(key))
+
+
+def test_action_and_shift_names():
+    assert ACTIONS == (
+        "wave", "swipe_left", "swipe_right", "approach", "recede", "circle_cw", "circle_ccw", "idle",
+    )  # fmt: skip
+    assert {"none", "lighting", "blur", "noise", "color_cast", "background"} <= set(SHIFTS)
+
+
+def test_same_seed_same_frames_other_seed_differs():
+    a = render_clip("wave", rng(7, 3), 6, SIZE)
+    b = render_clip("wave", rng(7, 3), 6, SIZE)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, render_clip("wave", rng(8, 3), 6, SIZE))
+    assert not np.array_equal(a, render_clip("wave", rng(7, 4), 6, SIZE))
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_every_action_renders_rgb_uint8(action):
+    clip = render_clip(action, rng(0, 1), 5, SIZE, fps=15.0)
+    assert clip.shape == (5, 24, 32, 3) and clip.dtype == np.uint8
+    assert clip.std() > 5  # a scene, not a blank frame
+
+
+@pytest.mark.parametrize("shift", [s for s in SHIFTS if s != "none"])
+def test_every_shift_changes_pixels_and_keeps_shape(shift):
+    clean = render_clip("circle_cw", rng(2, 5), 4, (40, 40))
+    shifted = render_clip("circle_cw", rng(2, 5), 4, (40, 40), shift=shift)
+    assert shifted.shape == clean.shape and shifted.dtype == np.uint8
+    assert not np.array_equal(shifted, clean)
+
+
+def _sharpness(clip):
+    return np.mean([cv2.Laplacian(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.CV_32F).var() for f in clip])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shifts_are_strong(seed):
+    # Strong, not cosmetic: each shift moves its own statistic a long way from the clean clip's.
+    def clip(shift):
+        return render_clip("wave", rng(6, seed), 3, (64, 64), shift=shift).astype(np.float32)
+
+    clean = clip("none")
+    assert abs(clip("lighting").mean() - clean.mean()) > 25 or abs(clip("lighting").std() - clean.std()) > 15
+    assert (clip("noise") - clean).std() > 20
+    assert _sharpness(clip("blur").astype(np.uint8)) < 0.5 * _sharpness(clean.astype(np.uint8))
+    cast = clip("color_cast").mean((0, 1, 2)) / np.maximum(clean.mean((0, 1, 2)), 1)
+    assert cast.max() / cast.min() > 1.4
+    assert np.abs(clip("background") - clean).mean() > 20
+
+
+def test_shift_keeps_the_motion():
+    # A shift draws from its own generator: the actor moves exactly as in the clean clip.
+    clean, shifted = _Scene("wave", rng(4, 0), (32, 32)), _Scene("wave", rng(4, 0), (32, 32), "noise")
+    t = np.linspace(0, 2, 9)
+    for a, b in zip(clean.pose(t), shifted.pose(t)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_names_are_rejected_with_the_valid_options():
+    with pytest.raises(ValueError, match="swipe_left"):
+        render_clip("jump", rng(0, 0), 2, SIZE)
+    with pytest.raises(ValueError, match="color_cast"):
+        render_clip("wave", rng(0, 0), 2, SIZE, shift="fog")
+
+
+def test_moving_actions_change_more_over_time_than_idle():
+    # Same generator -> same scene (background, actor, shake, noise); only the motion differs.
+    def motion(clip):
+        return np.abs(np.diff(clip.astype(np.float32), axis=0)).mean()
+
+    ratios = []
+    for seed in range(6):
+        idle = motion(render_clip("idle", rng(1, seed), 12, (48, 48), fps=15.0))
+        wave = motion(render_clip("wave", rng(1, seed), 12, (48, 48), fps=15.0))
+        assert wave > idle
+        ratios.append(wave / idle)
+    assert np.mean(ratios) > 1.2
+
+
+def _poses(action, seeds=range(16), t=np.arange(60) / 30):
+    return [_Scene(action, rng(3, s), (64, 64)).pose(t) for s in seeds]
+
+
+def test_trajectories_carry_the_class():
+    for x, _, _, _ in _poses("swipe_left"):
+        assert np.mean(np.diff(x) < 0) > 0.9  # leftwards, but for the wrap-around jumps
+    for x, _, _, _ in _poses("swipe_right"):
+        assert np.mean(np.diff(x) > 0) > 0.9
+    for _, _, ls, _ in _poses("approach"):
+        assert np.mean(np.diff(ls) > 0) > 0.85  # growing, but for the resets
+    for _, _, ls, _ in _poses("recede"):
+        assert np.mean(np.diff(ls) < 0) > 0.85
+    for sense, action in ((1, "circle_cw"), (-1, "circle_ccw")):
+        for x, y, _, _ in _poses(action):
+            dx, dy = x - x.mean(), y - y.mean()
+            area = np.sum(dx[:-1] * dy[1:] - dx[1:] * dy[:-1])  # > 0 is clockwise on screen (y down)
+            assert np.sign(area) == sense
+    for x, _, _, _ in _poses("wave"):
+        assert np.sum(np.diff(np.sign(np.diff(x))) != 0) >= 2  # turns back at least twice in 2 s
+    for x, y, ls, _ in _poses("idle"):
+        assert np.ptp(x) < 5 and np.ptp(y) < 5 and np.ptp(ls) < 0.1  # jitters (64 px frame), goes nowhere
+
+
+def test_one_frame_does_not_tell_the_class():
+    # Single-frame statistics match: scale for approach/recede (and a still actor), position for the swipes.
+    seeds = range(40)
+    app, rec, still = (np.concatenate([p[2] for p in _poses(a, seeds)]) for a in ("approach", "recede", "wave"))
+    assert abs(app.mean() - rec.mean()) < 0.02 and abs(app.std() - rec.std()) < 0.02
+    assert abs(app.mean() - still.mean()) < 0.06 and abs(app.std() - still.std()) < 0.06
+    left, right = (np.concatenate([p[0] for p in _poses(a, seeds)]) / 64 for a in ("swipe_left", "swipe_right"))
+    assert abs(left.mean() - right.mean()) < 0.03 and abs(left.std() - right.std()) < 0.03
+
+
+def test_camera_stream_is_deterministic_and_switches_actions():
+    def take(seed, n=24):
+        cam = SyntheticCamera(seed=seed, size=(24, 32), fps=10.0, segment_s=(0.5, 0.8))
+        return zip(*[cam.next_frame() for _ in range(n)])
+
+    actions, frames = take(3)
+    actions2, frames2 = take(3)
+    assert actions == actions2 and all(np.array_equal(a, b) for a, b in zip(frames, frames2))
+    assert frames[0].shape == (24, 32, 3) and frames[0].dtype == np.uint8
+    segments = [a for i, a in enumerate(actions) if i == 0 or a != actions[i - 1]]
+    assert len(segments) >= 3 and set(segments) <= set(ACTIONS)
+    _, other = take(4)
+    assert not np.array_equal(frames[0], other[0])
+
+
+def test_cli_writes_a_balanced_data_folder(tmp_path):
+    out = tmp_path / "data"
+    argv = ["synth", "--out", str(out), "--clips", "16", "--seed", "1", "--seconds", "0.5", "--fps", "10",
+            "--size", "40x32", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    with open(out / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16
+    assert sorted(r["label"] for r in rows) == sorted(ACTIONS * 2)
+    stamps, frames = zip(*iter_frames(out / rows[0]["path"]))
+    assert len(frames) == 5 and frames[0].shape == (32, 40, 3)
+    assert stamps[1] == pytest.approx(0.1)
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_cli_unlabeled_and_shifted_reproduces_the_clip(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--clips", "2", "--seed", "5", "--seconds", "0.3", "--fps", "10", "--size", "32", "--no-progress"]
+    assert cli.main(["synth", "--out", str(a), "--unlabeled", "--shift", "blur", *common]) == 0
+    assert cli.main(["synth", "--out", str(b), "--unlabeled", "--shift", "blur", *common]) == 0
+    with open(a / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["", ""]
+    for row in rows:  # the same seed writes the same video
+        assert (a / row["path"]).read_bytes() == (b / row["path"]).read_bytes()
+    first = [f for _, f in iter_frames(a / rows[0]["path"])]
+    direct = render_clip(ACTIONS[0], rng(5, 0), 3, (32, 32), fps=10.0, shift="blur")
+    # mp4 is lossy: the decoded clip is close to the rendered one, not equal.
+    assert np.abs(np.stack(first).astype(int) - direct.astype(int)).mean() < 12
+
+
+def test_cli_rejects_a_bad_size(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["synth", "--out", str(tmp_path), "--clips", "1", "--size", "4x4"])
