@@ -233,6 +233,15 @@ class Adapter:
         self.replay.add(np.stack(frames) if isinstance(frames, (list, tuple)) else frames)
 
     # ---- the guard ----
+    def _probe_scores_when_idle(self, wait: bool) -> tuple[float, float]:
+        """The probe costs several training steps' compute: it waits for a slot like a step, and counts."""
+        if wait and not self._wait_for_slot():
+            raise InterruptedError("adapter stopping")
+        s0 = time.monotonic()
+        scores = self._probe_scores()
+        self._spent_s += time.monotonic() - s0
+        return scores
+
     @torch.no_grad()
     def _probe_scores(self) -> tuple[float, float]:
         """(MAE loss with fixed masks, mean embedding cosine to the original model) on the probe set."""
@@ -271,8 +280,9 @@ class Adapter:
                 self._probe_keep = self.mae.encoder.random_keep(len(self._probe), cfg.mask_ratio, generator=g).to(self.device)
             self.rounds += 1
             res = RoundResult(False, "", self.version)
+            new_version = self.version
             try:
-                res.probe_loss_before, _ = self._probe_scores()
+                res.probe_loss_before, _ = self._probe_scores_when_idle(wait)
                 losses = []
                 self.mae.train()
                 for _ in range(cfg.steps_per_round):
@@ -293,7 +303,7 @@ class Adapter:
                 res.train_loss = float(np.mean(losses))
                 if not self._finite():
                     raise FloatingPointError("non-finite weights after the round")
-                res.probe_loss_after, res.probe_cosine = self._probe_scores()
+                res.probe_loss_after, res.probe_cosine = self._probe_scores_when_idle(wait)
                 if not (np.isfinite(res.probe_loss_after) and np.isfinite(res.probe_cosine)):
                     raise FloatingPointError("non-finite probe scores")
                 if self.decoder_warmup:
@@ -307,21 +317,24 @@ class Adapter:
                 elif res.probe_cosine < cfg.min_probe_cosine:
                     res.reason = f"embedding drift: probe cosine {res.probe_cosine:.4f} < {cfg.min_probe_cosine}"
                 else:
+                    # Numbers are never reused (after a rollback the next one is past every kept
+                    # version), and the file is written before the swap: every served version has one.
+                    new_version = max([self.version, *self.kept]) + 1
+                    self._save_version(new_version)
                     res.accepted = True
             except InterruptedError as e:
                 res.reason = str(e)
-            except Exception as e:  # NaN, OOM, a bug in a step: the round fails, serving never does
+            except Exception as e:  # NaN, OOM, a bug in a step, a full disk: the round fails, serving never does
                 res.reason = f"{type(e).__name__}: {e}"
                 log.warning("adaptation round failed: %s", res.reason)
                 if "out of memory" in str(e).lower() and self.device.type == "cuda":
                     torch.cuda.empty_cache()
             if res.accepted:
                 self._deployed = self._mae_state()
-                self.version += 1
+                self.version = new_version
                 res.version = self.version
                 res.reason = "accepted"
                 self.accepted += 1
-                self._save_version()
                 if self.on_accept is not None:
                     self.on_accept(self.encoder_state(), self.version)
             elif not res.reason.startswith("decoder warm-up"):
@@ -339,17 +352,26 @@ class Adapter:
     def _path(self, version: int) -> Path:
         return self.out_dir / f"{self.model_id}@{version}.pt"
 
-    def _save_version(self) -> None:
+    def _save_version(self, version: int) -> None:
+        """Checkpoint the shadow as `version`, point latest.json at it, then prune. Raises on failure,
+        leaving the files as they were: latest.json never names a file that is not (yet, or any more) there."""
         if self.out_dir is None:
             return
-        save_checkpoint(self._path(self.version), self.mae, labels=self.labels, model_id=self.model_id,
-                        version=self.version, extra={"adaptation": {"rounds": self.rounds}})
-        self.kept.append(self.version)
+        path = self._path(version)
+        save_checkpoint(path, self.mae, labels=self.labels, model_id=self.model_id,
+                        version=version, extra={"adaptation": {"rounds": self.rounds}})
+        try:
+            atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": path.name}) + "\n")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self.kept.append(version)
         while len(self.kept) > self.config.keep_versions:
             old = self.kept.pop(0)
-            self._path(old).unlink(missing_ok=True)
-        atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": self.version,
-                                                                    "file": self._path(self.version).name}) + "\n")
+            try:
+                self._path(old).unlink(missing_ok=True)
+            except OSError as e:  # the new version is already published; a stale file only costs space
+                log.warning("could not remove old checkpoint %s: %s", self._path(old), e)
 
     def save(self) -> Path | None:
         """Checkpoint the deployed version now (the `~/adaptation/save` service)."""
@@ -361,8 +383,7 @@ class Adapter:
             save_checkpoint(self._path(self.version), self.mae, labels=self.labels, model_id=self.model_id,
                             version=self.version)
             self.mae.load_state_dict(state_now)
-            if self.version not in self.kept:
-                self.kept.append(self.version)
+            self.kept = sorted({*self.kept, self.version})  # rollback() relies on the order
             return self._path(self.version)
 
     def rollback(self, version: int | None = None) -> int:
