@@ -101,8 +101,10 @@ class HieraConfig:
                     f"{self.name}: token grid {self.tokens_spatial_shape} (input_size / patch_stride) is not "
                     f"divisible by mask_unit_size={self.mask_unit_size}; pick an input size whose /4 is a multiple of 8"
                 )
-            if mu % qs ** max(self.q_pool, self.mae_q_pool):
-                raise ValueError(f"{self.name}: mask_unit_size={self.mask_unit_size} must be divisible by q_stride**q_pool")
+            if mu != qs ** (len(self.stages) - 1):
+                # every official config; it makes a mask unit exactly the tokens one unroll slab holds
+                raise ValueError(f"{self.name}: mask_unit_size={self.mask_unit_size} must equal "
+                                 f"q_stride**(len(stages)-1) = {tuple(q ** (len(self.stages) - 1) for q in self.q_stride)}")
         if self.num_heads < 1 or self.embed_dim % self.num_heads:
             raise ValueError(f"{self.name}: embed_dim={self.embed_dim} not divisible by num_heads={self.num_heads}")
 

@@ -232,12 +232,7 @@ class Hiera(nn.Module):
         grid = cfg.tokens_spatial_shape
         n_levels = len(cfg.stages) - 1
         schedule = [cfg.q_stride] * n_levels
-        mu_cfg = cfg.mask_unit_size
-        if [math.prod(s[d] for s in schedule) for d in range(3)] != list(mu_cfg):
-            raise ValueError(
-                f"{cfg.name}: mask_unit_size={mu_cfg} must equal q_stride**(len(stages)-1) per dim "
-                f"(the unrolled layout of every official config)"
-            )
+        mu_cfg = cfg.mask_unit_size  # == q_stride ** n_levels (HieraConfig.validate)
 
         self.patch_embed = PatchEmbed(cfg)
         C = cfg.embed_dim
