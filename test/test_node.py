@@ -1,0 +1,138 @@
+"""The perception node on real ROS 2, in a subprocess: camera frames in at 30 fps, ActionFeatures out with the
+clip's exact stamps, sizes and labels (and the very embedding the Engine computes for those frames); compressed
+input; top_k at run time; a clean Ctrl-C; bad parameters stop it with a clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import ros_helpers as rh
+
+pytestmark = pytest.mark.ros
+
+DOMAIN = rh.domain_id(1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return rh.make_checkpoint(tmp_path_factory.mktemp("node") / "tiny.pt")
+
+
+def test_raw_input_features_stamps_and_runtime_top_k(checkpoint, tmp_path):
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
+
+    params = rh.write_params(tmp_path / "params.yaml", rh.node_params(checkpoint), qos_reliable_depth=200)
+    log = tmp_path / "node.log"
+    proc = rh.start_node(["--ros-args", "--params-file", str(params)], rh.ros_env(DOMAIN), log)
+    harness = rh.Harness(DOMAIN)
+    try:
+        harness.wait_connected(proc)
+        n = 60  # 2 s of camera: clips k = 0..6
+        frames = [rh.rgb_frame(i) for i in range(n)]
+        expected = rh.expected_clips(rh.NUM_FRAMES, rh.STRIDE_FRAMES, rh.HOP_FRAMES, n)
+        assert len(expected) == 7
+        harness.publish(rh.image_msg(frames[i], rh.frame_stamp_ns(i)) for i in range(n))
+        assert harness.spin_until(lambda: len(harness.features) >= len(expected), 60, proc), log.read_text()
+        harness.spin_until(lambda: False, 0.3)  # nothing more may come
+        rh.check_features(harness.features, expected, frames, checkpoint, rh.FRAME_ID)
+
+        # Diagnostics see every frame, no loss, and a latency.
+        assert harness.spin_until(lambda: harness.last_diagnostics().get("frames_received") == str(n), 10, proc)
+        diag = harness.last_diagnostics()
+        assert (diag["bad_frames"], diag["queue_drops"], diag["clips_published"]) == ("0", "0", str(len(expected)))
+        assert float(diag["latency_p50_ms"]) > 0 and diag["encoder_version"] == "test@0"
+        assert harness.diagnostics[-1][0] == 0  # OK
+
+        # top_k changes at run time; clip timing does not (rejected with a reason).
+        client = AsyncParameterClient(harness.node, "hiera_perception")
+        assert client.wait_for_services(10.0)
+        future = client.set_parameters([Parameter("top_k", value=1), Parameter("hop_s", value=1.0)])
+        assert harness.spin_until(future.done, 10, proc)
+        top_k_result, hop_result = future.result().results
+        assert top_k_result.successful
+        assert not hop_result.successful and "hop_s" in hop_result.reason and "restart" in hop_result.reason
+        harness.features.clear()
+        more = [rh.rgb_frame(i) for i in range(n, n + 20)]  # continues the timeline: clips k = 7, 8
+        harness.publish(rh.image_msg(more[i - n], rh.frame_stamp_ns(i)) for i in range(n, n + 20))
+        assert harness.spin_until(lambda: len(harness.features) >= 2, 30, proc)
+        assert [len(f.labels) for f in harness.features] == [1, 1]
+        later = rh.expected_clips(rh.NUM_FRAMES, rh.STRIDE_FRAMES, rh.HOP_FRAMES, n + 20)[len(expected):]
+        assert [rh.stamp_ns(f.header.stamp) for f in harness.features] == [rh.frame_stamp_ns(c.last) for c in later]
+    finally:
+        harness.close()
+        rc = rh.stop(proc)
+    text = log.read_text()
+    assert rc == 0 and "Traceback" not in text, text  # Ctrl-C: clean exit, no traceback
+
+
+def test_compressed_input_remap_frame_id_override_and_bad_frames(checkpoint, tmp_path):
+    topic = "/cam/image_raw"
+    params = rh.write_params(tmp_path / "params.yaml",
+                             rh.node_params(checkpoint, input="compressed", frame_id="override"),
+                             qos_reliable_depth=200, topic=topic + "/compressed")
+    log = tmp_path / "node.log"
+    proc = rh.start_node(["--ros-args", "--params-file", str(params), "-r", f"image:={topic}"], rh.ros_env(DOMAIN), log)
+    harness = rh.Harness(DOMAIN, image_topic=topic, compressed=True)
+    try:
+        harness.wait_connected(proc)
+        n = 30  # clips k = 0, 1
+        frames = [rh.rgb_frame(i) for i in range(n)]
+        expected = rh.expected_clips(rh.NUM_FRAMES, rh.STRIDE_FRAMES, rh.HOP_FRAMES, n)
+        msgs = [rh.compressed_msg(frames[i], rh.frame_stamp_ns(i), fmt="png") for i in range(n)]  # lossless
+        empty = rh.compressed_msg(frames[0], rh.frame_stamp_ns(3))
+        empty.data = b""
+        garbage = rh.compressed_msg(frames[0], rh.frame_stamp_ns(5))
+        garbage.data = bytes(range(256)) * 4
+        cut = rh.compressed_msg(frames[0], rh.frame_stamp_ns(7), fmt="jpeg")
+        cut.data = bytes(cut.data)[: len(cut.data) // 2]
+        msgs[3:3], msgs[6:6], msgs[9:9] = [empty], [garbage], [cut]  # bad frames between the good ones
+        harness.publish(msgs)
+        assert harness.spin_until(lambda: len(harness.features) >= len(expected), 60, proc), log.read_text()
+        rh.check_features(harness.features, expected, frames, checkpoint, "override")
+        assert harness.spin_until(lambda: harness.last_diagnostics().get("frames_received") == str(n + 3), 10, proc)
+        level, message, diag = harness.diagnostics[-1]
+        assert diag["bad_frames"] == "3"
+        assert {k: v for k, v in diag.items() if k.startswith("bad_frames.")} == {
+            "bad_frames.empty_data": "1", "bad_frames.undecodable": "1", "bad_frames.truncated": "1"}
+    finally:
+        harness.close()
+        rc = rh.stop(proc)
+    assert rc == 0, log.read_text()
+
+
+def test_bad_parameter_exits_with_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "hiera_perception.node", "--ros-args", "-p", "hop_s:=1"],
+                          env=rh.ros_env(DOMAIN), cwd=rh.REPO, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "[FATAL]" in out and "parameter hop_s" in out and "write floats with a decimal point" in out, out
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("top_k", 0, "parameter top_k"),
+    ("queue_size", 100_000, "parameter queue_size"),
+    ("device", "gpu", "parameter device: 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("precision", "fp16", "parameter precision: 'fp16' is not one of fp32, bf16"),
+    ("input", "jpeg", "parameter input: 'jpeg' is not one of raw, compressed"),
+    ("output_topic", " ", "parameter output_topic: must not be empty"),
+    ("model", "/nonexistent/model.pt", "parameter model '/nonexistent/model.pt'"),
+])
+def test_bad_parameter_values_are_named(name, value, expected):
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from hiera_perception.node import ConfigError, PerceptionNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=DOMAIN)
+    try:
+        with pytest.raises(ConfigError) as e:
+            PerceptionNode(context=context, parameter_overrides=[Parameter(name, value=value)])
+        assert expected in str(e.value)
+    finally:
+        context.try_shutdown()
