@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import pickle
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,20 @@ log = logging.getLogger(__name__)
 
 FORMAT = "hiera_perception"
 FORMAT_VERSION = 1
-# models/ at the repo root in a checkout; share/hiera_perception/models once installed.
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def _models_dir() -> Path:
+    """models/ at the repo root in a checkout; <prefix>/share/hiera_perception/models once installed
+    (pip and colcon both put the package in <prefix>/lib/pythonX.Y/site-packages)."""
+    here = Path(__file__).resolve().parent
+    for d in (here.parent / "models", (here / "../../../../share/hiera_perception/models").resolve(),
+              Path(sys.prefix) / "share" / "hiera_perception" / "models"):
+        if d.is_dir():
+            return d
+    return here.parent / "models"
+
+
+MODELS_DIR = _models_dir()
 DEFAULT_MODEL = "hiera_tiny_synthetic.pt"
 _ENCODER_PREFIXES = ("patch_embed.", "pos_embed", "blocks.", "norm.", "head.")
 
