@@ -1,0 +1,476 @@
+"""On-device MAE adaptation: replay buffer, rounds, the guard, faults, versions on disk, rollback, the thread.
+
+Every round runs real MAE steps on a tiny model (hiera_tiny_8x64 with a 3-class head). Accepting
+rounds use a guard that passes (min_probe_cosine -1, a loose loss bound); rejecting ones set thresholds
+no candidate can meet. Faults are injected into the shadow MAE's forward *after* one real optimizer
+step, so the shadow has really moved away from the deployed weights when the round fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hiera_perception import adaptation
+from hiera_perception.adaptation import AdaptationConfig, Adapter, ReplayBuffer
+from hiera_perception.checkpoint import load_checkpoint, load_model
+from hiera_perception.config import get_config
+from hiera_perception.mae import HieraMAE
+from hiera_perception.model import Hiera
+
+TINY = "hiera_tiny_8x64"
+LABELS = ["wave", "idle", "approach"]
+CLIP = (8, 64, 64, 3)
+FIXED = ("head.", "norm.")  # encoder parts MAE never trains
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 cores shared by several developers: one thread is faster than two fighting for them.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def serving_model(seed: int = 0) -> Hiera:
+    torch.manual_seed(seed)
+    model = Hiera(get_config(TINY, num_classes=len(LABELS))).eval()
+    model.labels, model.model_id = list(LABELS), "robot"
+    return model
+
+
+def decoder_state(model: Hiera, seed: int = 1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return HieraMAE(model.config, encoder=copy.deepcopy(model)).state_dict()
+
+
+def config(**changes) -> AdaptationConfig:
+    base = dict(lr=1e-3, steps_per_round=2, batch_size=2, min_clips=4, probe_clips=2, min_probe_cosine=-1.0,
+                max_loss_increase=100.0, round_interval_s=0.01, seed=0)
+    return AdaptationConfig(**{**base, **changes})
+
+
+class Accepted:
+    """on_accept recorder: (encoder state, version) of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, torch.Tensor], int]] = []
+
+    def __call__(self, state: dict[str, torch.Tensor], version: int) -> None:
+        self.calls.append((state, version))
+
+
+def make_adapter(tmp_path: Path, model: Hiera | None = None, clips: int = 4, **changes) -> tuple[Adapter, Accepted]:
+    model = model or serving_model()
+    on_accept = Accepted()
+    adapter = Adapter(model, config(**changes), mae_state=decoder_state(model), out_dir=tmp_path / "versions",
+                      on_accept=on_accept)
+    rng = np.random.default_rng(0)
+    for _ in range(clips):
+        adapter.add_clip(rng.integers(0, 256, size=CLIP, dtype=np.uint8))
+    return adapter, on_accept
+
+
+def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def changed_keys(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def files(folder: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(folder.iterdir())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Replay buffer and config
+
+
+def test_replay_buffer_caps_memory_and_evicts_oldest():
+    clip_bytes = int(np.prod(CLIP))  # 98304 B = 0.09375 MiB
+    buf = ReplayBuffer(max_mb=3.5 * clip_bytes / 2**20)  # room for 3 clips
+    for i in range(5):
+        buf.add(np.full(CLIP, i, np.uint8))
+    assert len(buf) == 3 and buf.added == 5 and buf.evicted == 2
+    assert buf.megabytes == pytest.approx(3 * clip_bytes / 2**20)
+    assert [int(c[0, 0, 0, 0]) for c in buf.first(10)] == [2, 3, 4]  # the two oldest left first
+    assert {int(c[0, 0, 0, 0]) for c in buf.sample(20, np.random.default_rng(0))} <= {2, 3, 4}
+    first = buf.first(1)[0]
+    first[:] = 99  # callers get copies
+    assert int(buf.first(1)[0][0, 0, 0, 0]) == 2
+    with pytest.raises(ValueError, match="exceeds the replay cap"):
+        ReplayBuffer(max_mb=0.01).add(np.zeros(CLIP, np.uint8))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("trainable", "some", "trainable must be one of"), ("max_device_share", 0.0, "max_device_share must be in"),
+     ("max_device_share", 1.5, "max_device_share"), ("mask_ratio", 1.0, "mask_ratio must be in"),
+     ("mask_ratio", -0.1, "mask_ratio"), ("steps_per_round", 0, "steps_per_round must be >= 1"),
+     ("batch_size", 0, "batch_size"), ("min_clips", 0, "min_clips"), ("probe_clips", 0, "probe_clips"),
+     ("keep_versions", 0, "keep_versions must be >= 1, got 0")],
+)
+def test_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        AdaptationConfig(**{field: value})
+    AdaptationConfig()  # the defaults are valid
+
+
+def test_round_waits_for_enough_clips(tmp_path):
+    adapter, on_accept = make_adapter(tmp_path, clips=1)
+    res = adapter.run_round(wait=False)
+    assert not res.accepted and res.reason == "waiting for clips (1/4)" and res.steps == 0
+    assert adapter.rounds == 0 and adapter.version == 0 and on_accept.calls == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accepted rounds
+
+
+def test_accepted_round_checkpoints_and_hands_over_the_encoder(tmp_path):
+    model = serving_model()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter, on_accept = make_adapter(tmp_path, model)
+    res = adapter.run_round(wait=False)
+    assert res.accepted and res.reason == "accepted" and res.version == 1 and res.steps == 2
+    assert np.isfinite([res.train_loss, res.probe_loss_before, res.probe_loss_after, res.probe_cosine]).all()
+    assert adapter.version == 1 and adapter.accepted == 1 and adapter.kept == [1]
+
+    out = tmp_path / "versions"
+    assert sorted(p.name for p in out.iterdir()) == ["latest.json", "robot@1.pt"]  # no temp files left
+    assert json.loads((out / "latest.json").read_text()) == {"version": 1, "file": "robot@1.pt"}
+    assert Adapter.latest(out) == out / "robot@1.pt"
+
+    assert len(on_accept.calls) == 1
+    state, version = on_accept.calls[0]
+    assert version == 1 and states_equal(state, adapter.encoder_state())
+    serving = Hiera(model.config)
+    serving.load_state_dict(state, strict=True)  # swaps into the serving encoder as it is
+    trunk = changed_keys(state, original)
+    assert trunk and not any(k.startswith(FIXED) for k in trunk)  # the trunk learned, head and norm did not
+    assert states_equal(model.state_dict(), original)  # the serving model itself is never touched
+
+    ck = load_checkpoint(out / "robot@1.pt")  # sha256 verified
+    assert ck.version == 1 and ck.model_id == "robot" and ck.labels == LABELS
+    loaded = load_model(out / "robot@1.pt", device="cpu")  # an MAE checkpoint serves its encoder + head
+    assert states_equal(loaded.state_dict(), state) and loaded.labels == LABELS and loaded.version == 1
+
+    res = adapter.run_round(wait=False)
+    assert res.accepted and res.version == 2 and on_accept.calls[-1][1] == 2
+    state2 = adapter.encoder_state()
+    assert changed_keys(state2, state) and not any(k.startswith(FIXED) for k in changed_keys(state2, original))
+    status = adapter.status()
+    assert status["version"] == 2 and status["accepted"] == 2 and status["rejected"] == 0
+    assert status["rounds"] == 2 and status["replay_clips"] == 4 and status["last_result"] == "accepted"
+
+
+@pytest.mark.parametrize("trainable", ["norms", "late"])
+def test_trainable_subsets(tmp_path, trainable):
+    model = serving_model()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter, _ = make_adapter(tmp_path, model, trainable=trainable, steps_per_round=1)
+    assert adapter.run_round(wait=False).accepted
+    changed = changed_keys(adapter.encoder_state(), original)
+    assert changed and not any(k.startswith(FIXED) for k in changed)
+    last_stage = sum(model.config.stages[:-1])
+    for k in changed:
+        is_norm = ".norm1." in k or ".norm2." in k
+        in_last = k.startswith("blocks.") and int(k.split(".")[1]) >= last_stage
+        assert is_norm or (trainable == "late" and in_last), k
+
+
+def test_fresh_decoder_warms_up_before_the_encoder_moves(tmp_path):
+    model = serving_model()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = Adapter(model, config(decoder_warmup_rounds=1, steps_per_round=1), out_dir=tmp_path / "v")
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        adapter.add_clip(list(rng.integers(0, 256, size=CLIP, dtype=np.uint8)))  # a list of frames works too
+    decoder_before = {k: v.clone() for k, v in adapter.mae.state_dict().items() if not k.startswith("encoder.")}
+    res = adapter.run_round(wait=False)
+    assert not res.accepted and res.reason.startswith("decoder warm-up") and adapter.version == 0
+    assert states_equal(adapter.encoder_state(), original)
+    decoder_after = {k: v for k, v in adapter.mae.state_dict().items() if not k.startswith("encoder.")}
+    assert changed_keys(decoder_after, decoder_before)
+    assert adapter.rejected == 0 and not adapter.decoder_warmup
+    assert adapter.run_round(wait=False).accepted and adapter.version == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The guard
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [({"min_probe_cosine": 1.01}, "embedding drift: probe cosine"),
+     ({"max_loss_increase": -0.5}, "probe MAE loss rose")],
+)
+def test_guard_rejects_and_the_shadow_returns(tmp_path, changes, reason):
+    adapter, on_accept = make_adapter(tmp_path, **changes)
+    deployed = adapter.encoder_state()
+    shadow_before = {k: v.clone() for k, v in adapter.mae.state_dict().items()}
+    res = adapter.run_round(wait=False)
+    assert not res.accepted and res.reason.startswith(reason) and res.steps == 2
+    assert adapter.version == 0 and adapter.rejected == 1 and on_accept.calls == []
+    assert states_equal(adapter.mae.state_dict(), shadow_before)  # bit-exact, decoder included
+    assert states_equal(adapter.encoder_state(), deployed)
+    assert not (tmp_path / "versions").exists() or not any((tmp_path / "versions").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Faults: NaN loss, an exception, out of memory, a checkpoint that cannot be written
+
+
+def _fault_after_one_step(adapter: Adapter, fault: str) -> list[int]:
+    """Patch the shadow MAE's forward: the first call is real, later ones fail as `fault` says."""
+    real = adapter.mae.forward
+    calls = [0]
+
+    def forward(x, mask_ratio=0.9, generator=None):
+        calls[0] += 1
+        out = real(x, mask_ratio, generator)
+        if calls[0] == 1:
+            return out
+        if fault == "nan":
+            return dataclasses.replace(out, loss=out.loss * float("nan"))
+        if fault == "exception":
+            raise KeyError("bug in a step")
+        if fault == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 7.79 GiB total capacity)")
+
+    adapter.mae.forward = forward  # nn.Module.__call__ looks the instance attribute up first
+    return calls
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [("nan", "FloatingPointError: non-finite MAE loss nan"), ("exception", "KeyError: 'bug in a step'"),
+     ("oom", "OutOfMemoryError: CUDA out of memory"), ("oom_runtime", "RuntimeError: CUDA out of memory")],
+)
+def test_fault_in_a_round_keeps_deployed_weights_and_checkpoint(tmp_path, fault, reason):
+    adapter, on_accept = make_adapter(tmp_path, steps_per_round=3)
+    assert adapter.run_round(wait=False).accepted
+    out = tmp_path / "versions"
+    on_disk = files(out)
+    deployed = adapter.encoder_state()
+    shadow = {k: v.clone() for k, v in adapter.mae.state_dict().items()}
+
+    calls = _fault_after_one_step(adapter, fault)
+    res = adapter.run_round(wait=False)  # never raises
+    assert calls[0] == 2 and res.steps == 1  # one real step moved the shadow, then the fault
+    assert not res.accepted and res.reason.startswith(reason)
+    assert adapter.version == 1 and adapter.rejected == 1 and len(on_accept.calls) == 1
+    assert states_equal(adapter.encoder_state(), deployed)
+    assert states_equal(adapter.mae.state_dict(), shadow)
+    assert files(out) == on_disk  # the last good checkpoint and latest.json, byte for byte
+    assert load_checkpoint(Adapter.latest(out)).version == 1
+
+    if fault == "exception":  # the adapter carries on: the next healthy round is accepted
+        del adapter.mae.forward
+        res = adapter.run_round(wait=False)
+        assert res.accepted and res.version == 2 and adapter.kept == [1, 2]
+
+
+def test_checkpoint_that_cannot_be_written_rejects_the_round(tmp_path, monkeypatch):
+    adapter, on_accept = make_adapter(tmp_path)
+    assert adapter.run_round(wait=False).accepted
+    out = tmp_path / "versions"
+    on_disk = files(out)
+    deployed = adapter.encoder_state()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adaptation, "save_checkpoint", disk_full)
+    res = adapter.run_round(wait=False)  # a round never raises, even when the disk is full
+    assert not res.accepted and "No space left on device" in res.reason
+    assert adapter.version == 1 and len(on_accept.calls) == 1 and adapter.kept == [1]
+    assert states_equal(adapter.encoder_state(), deployed)
+    assert files(out) == on_disk
+    monkeypatch.undo()
+    assert adapter.run_round(wait=False).version == 2
+
+
+def test_latest_stays_loadable_when_its_update_fails(tmp_path, monkeypatch):
+    # keep_versions=1: the old file may go only once latest.json no longer names it
+    adapter, _ = make_adapter(tmp_path, keep_versions=1, steps_per_round=1)
+    assert adapter.run_round(wait=False).accepted
+    out = tmp_path / "versions"
+    on_disk = files(out)
+
+    def fail(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(adaptation, "atomic_write_text", fail)
+    res = adapter.run_round(wait=False)
+    assert not res.accepted and "Input/output error" in res.reason and adapter.version == 1
+    latest = Adapter.latest(out)
+    assert latest == out / "robot@1.pt" and load_checkpoint(latest).version == 1
+    assert files(out) == on_disk  # the unpublished robot@2.pt went away again
+
+
+# ---------------------------------------------------------------------------------------------------
+# Versions on disk: rollback, pruning, latest, restart
+
+
+def test_rollback_to_a_kept_version_and_to_the_base(tmp_path):
+    model = serving_model()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter, on_accept = make_adapter(tmp_path, model, steps_per_round=1)
+    with pytest.raises(ValueError, match="no kept version older than 0"):
+        adapter.rollback()
+    assert adapter.run_round(wait=False).accepted and adapter.run_round(wait=False).accepted
+    v1, v2 = on_accept.calls[0][0], on_accept.calls[1][0]
+    assert changed_keys(v1, v2)
+
+    assert adapter.rollback() == 1  # default: the one before the current
+    assert adapter.version == 1 and states_equal(adapter.encoder_state(), v1)
+    assert on_accept.calls[-1][1] == 1 and states_equal(on_accept.calls[-1][0], v1)
+    assert adapter.rollback(2) == 2 and states_equal(adapter.encoder_state(), v2)
+    assert adapter.rollback(0) == 0 and states_equal(adapter.encoder_state(), original)
+    assert on_accept.calls[-1][1] == 0 and states_equal(on_accept.calls[-1][0], original)
+    with pytest.raises(ValueError, match=r"version 7 is not kept \(kept: \[1, 2\]\)"):
+        adapter.rollback(7)
+
+    # after a rollback, new versions get new numbers: v1 and v2 on disk stay what they were
+    out = tmp_path / "versions"
+    before = files(out)
+    res = adapter.run_round(wait=False)
+    assert res.accepted and res.version == 3 and adapter.kept == [1, 2, 3]
+    assert {k: v for k, v in files(out).items() if k.endswith(("@1.pt", "@2.pt"))} == {
+        k: v for k, v in before.items() if k.endswith(".pt")}
+    assert Adapter.latest(out) == out / "robot@3.pt"
+    assert states_equal(load_model(out / "robot@1.pt", device="cpu").state_dict(), v1)
+
+
+def test_keep_versions_prunes_old_files(tmp_path):
+    adapter, _ = make_adapter(tmp_path, keep_versions=2, steps_per_round=1)
+    for _ in range(3):
+        assert adapter.run_round(wait=False).accepted
+    out = tmp_path / "versions"
+    assert sorted(p.name for p in out.iterdir()) == ["latest.json", "robot@2.pt", "robot@3.pt"]
+    assert adapter.kept == [2, 3]
+    with pytest.raises(ValueError, match="version 1 is not kept"):
+        adapter.rollback(1)
+    assert adapter.rollback() == 2
+
+
+def test_latest_finds_the_last_accepted(tmp_path):
+    out = tmp_path / "versions"
+    assert Adapter.latest(out) is None  # no folder
+    out.mkdir()
+    assert Adapter.latest(out) is None  # no latest.json
+    (out / "latest.json").write_text("{broken")
+    assert Adapter.latest(out) is None
+    (out / "latest.json").write_text(json.dumps({"version": 4, "file": "robot@4.pt"}))
+    assert Adapter.latest(out) is None  # names a file that is gone
+
+
+def test_restart_resumes_the_last_accepted_version(tmp_path):
+    model = serving_model()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter, _ = make_adapter(tmp_path, model, steps_per_round=1)
+    assert adapter.run_round(wait=False).accepted and adapter.run_round(wait=False).accepted
+    out = tmp_path / "versions"
+    deployed = adapter.encoder_state()
+
+    # a new process: serve the last accepted checkpoint, adapt on from it
+    ck = load_checkpoint(Adapter.latest(out))
+    served = load_model(Adapter.latest(out), device="cpu")
+    assert states_equal(served.state_dict(), deployed)
+    resumed = Adapter(served, config(steps_per_round=1), mae_state=ck.model_state, out_dir=out, version=ck.version,
+                      reference=model)
+    assert resumed.kept == [1, 2] and resumed.version == 2 and resumed.model_id == "robot"
+    assert not resumed.decoder_warmup
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        resumed.add_clip(rng.integers(0, 256, size=CLIP, dtype=np.uint8))
+    assert resumed.run_round(wait=False).version == 3
+    assert resumed.rollback(0) == 0 and states_equal(resumed.encoder_state(), original)  # the reference model
+
+
+# ---------------------------------------------------------------------------------------------------
+# The thread
+
+
+def _count_mae_calls(adapter: Adapter, busy: threading.Event) -> dict[str, int]:
+    """Count every MAE pass (training steps and probe scoring) and those made while busy was set."""
+    counts = {"all": 0, "while_busy": 0}
+    real = adapter.mae.forward_keep
+
+    def forward_keep(x, keep):
+        counts["all"] += 1
+        counts["while_busy"] += busy.is_set()
+        return real(x, keep)
+
+    adapter.mae.forward_keep = forward_keep  # training (forward -> forward_keep) and the probe both pass here
+    return counts
+
+
+def _wait_for(predicate, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_thread_runs_rounds_only_when_inference_is_idle(tmp_path):
+    busy = threading.Event()
+    busy.set()
+    model = serving_model()
+    adapter = Adapter(model, config(steps_per_round=2), mae_state=decoder_state(model), out_dir=tmp_path / "v",
+                      busy=busy.is_set)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        adapter.add_clip(rng.integers(0, 256, size=CLIP, dtype=np.uint8))
+    counts = _count_mae_calls(adapter, busy)
+    adapter.start()
+    try:
+        # While inference is busy the thread may start a round but must not compute anything.
+        _wait_for(lambda: adapter.rounds >= 1, 10.0)
+        time.sleep(0.3)
+        assert counts["all"] == 0 and adapter.accepted == 0
+        busy.clear()
+        assert _wait_for(lambda: adapter.accepted >= 1), adapter.status()
+        assert counts["all"] >= 2 + 2  # the steps and the probe passes ran once it was idle
+        assert counts["while_busy"] == 0
+    finally:
+        adapter.stop()
+    assert adapter._thread is None
+    assert Adapter.latest(tmp_path / "v") is not None and adapter.status()["enabled"]
+
+
+def test_stop_while_busy_ends_the_round(tmp_path):
+    busy = threading.Event()
+    busy.set()
+    model = serving_model()
+    adapter = Adapter(model, config(), mae_state=decoder_state(model), out_dir=tmp_path / "v", busy=busy.is_set)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        adapter.add_clip(rng.integers(0, 256, size=CLIP, dtype=np.uint8))
+    counts = _count_mae_calls(adapter, busy)
+    adapter.start()
+    assert _wait_for(lambda: adapter.rounds >= 1, 10.0)
+    thread = adapter._thread
+    adapter.stop()
+    assert not thread.is_alive()
+    assert counts["all"] == 0 and adapter.version == 0 and adapter.last.reason == "adapter stopping"
+    assert not (tmp_path / "v").exists()
