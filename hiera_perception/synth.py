@@ -429,6 +429,7 @@ class SyntheticCamera:
         self._segment_start = 0
         self._segment_end = 0
         self._scene: _Scene | None = None
+        self._scene_rng: np.random.Generator | None = None
 
     def _next_segment(self) -> None:
         self._segment += 1
@@ -436,12 +437,20 @@ class SyntheticCamera:
         choices = [a for a in self.actions if a != self.action] or list(self.actions)
         self.action = str(rng.choice(choices))
         frames = max(1, round(rng.uniform(*self.segment_s) * self.fps))
-        self._segment_start, self._segment_end = self.frame_index, self.frame_index + frames
-        self._scene = _Scene(self.action, rng, self.size, self.shift)
+        self._segment_start, self._segment_end = self._segment_end, self._segment_end + frames
+        self._scene = None  # built when a frame of this segment is asked for (skipped segments cost nothing)
+        self._scene_rng = rng
 
     def next_frame(self) -> tuple[str, np.ndarray]:
-        if self.frame_index >= self._segment_end:
+        """(true action, uint8 RGB [H, W, 3]) of frame `frame_index`, then frame_index + 1.
+
+        Segments are laid out on the frame index, so moving `frame_index` on (frames a busy publisher
+        skipped) lands on the same action and pose as rendering every frame would have.
+        """
+        while self.frame_index >= self._segment_end:
             self._next_segment()
+        if self._scene is None:
+            self._scene = _Scene(self.action, self._scene_rng, self.size, self.shift)
         t = (self.frame_index - self._segment_start) / self.fps
         frame = self._scene.render(np.array([t]))[0]
         self.frame_index += 1

@@ -142,6 +142,17 @@ def test_camera_stream_is_deterministic_and_switches_actions():
     assert len(segments) >= 3 and set(segments) <= set(ACTIONS)
     _, other = take(4)
     assert not np.array_equal(frames[0], other[0])
+    # Skipping frames (a late publisher) lands on the same action and motion as rendering them all.
+    every, skipping = (SyntheticCamera(seed=3, size=(24, 32), fps=10.0, segment_s=(0.5, 0.8)) for _ in range(2))
+    for _ in range(21):
+        every.next_frame()
+    skipping.frame_index = 20
+    action, frame = skipping.next_frame()
+    assert action == actions[20]
+    t = np.linspace(0, 1, 5)
+    for a, b in zip(every._scene.pose(t), skipping._scene.pose(t)):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(frame.astype(int) - frames[20].astype(int)).mean() < 12  # only the sensor noise differs
 
 
 def test_cli_writes_a_balanced_data_folder(tmp_path):
