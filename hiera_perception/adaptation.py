@@ -407,6 +407,9 @@ class Adapter:
             self._deployed = self._mae_state()
             self.version = version
             self._make_optimizer()
+            if self.out_dir is not None:  # a restart resumes what serves now, not what was rolled away
+                file = self._path(version).name if version in self.kept else None
+                atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": file}) + "\n")
             if self.on_accept is not None:
                 self.on_accept(self.encoder_state(), self.version)
             return version
@@ -416,9 +419,11 @@ class Adapter:
         """The last accepted checkpoint in `out_dir` (to resume after a restart), or None."""
         try:
             rec = json.loads((Path(out_dir) / "latest.json").read_text())
+            if rec["file"] is None:  # rolled back to the base model
+                return None
             path = Path(out_dir) / rec["file"]
             return path if path.is_file() else None
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     # ---- the thread ----
@@ -436,7 +441,10 @@ class Adapter:
     def _loop(self) -> None:
         while not self._stop.is_set():
             if self.enabled.is_set():
-                self.run_round(wait=True)
+                try:
+                    self.run_round(wait=True)
+                except Exception:  # e.g. a failing on_accept: log it, keep the thread (and serving) alive
+                    log.exception("adaptation round raised; the adapter keeps running")
             self._stop.wait(self.config.round_interval_s)
 
     def status(self) -> dict:
