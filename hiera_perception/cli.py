@@ -11,13 +11,21 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("hiera_perception.demo", "synthetic camera -> perception node -> printed labels, over real ROS 2"),
     "run": ("hiera_perception.video", "labels (and embeddings) per clip of a video file, no ROS needed"),
-    "fetch-weights": ("hiera_perception.weights", "download an official Hiera checkpoint (CC BY-NC 4.0, opt-in)"),
+    "publish": ("hiera_perception.camera", "a video file or webcam as a sensor_msgs/Image camera topic"),
     "synth": ("hiera_perception.synth", "render the synthetic action data set"),
+    "pretrain": ("hiera_perception.train", "MAE pre-training on unlabeled clips (data folder or rosbag2)"),
+    "finetune": ("hiera_perception.train", "supervised fine-tuning of a classification head (and encoder)"),
+    "eval": ("hiera_perception.evaluate", "accuracy, per-class accuracy, confusion matrix, clips/s"),
     "teach": ("hiera_perception.labeler", "teach new labels (prototypes) from a data folder"),
+    "adapt": ("hiera_perception.adapt", "unlabeled MAE adaptation of a model to a data folder or rosbag2"),
+    "fetch-weights": ("hiera_perception.weights", "download an official Hiera checkpoint (CC BY-NC 4.0, opt-in)"),
+    "bench": ("benchmarks", "the benchmarks in benchmarks/ (from a source checkout), results to files"),
 }
 
 
@@ -34,8 +42,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _bench(argv: list[str]) -> int:
+    """`bench ARGS` is `python -m benchmarks ARGS`; the benchmarks live beside the package in a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        print("hiera-perception bench: run it from a source checkout (benchmarks/ is not installed)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    return importlib.import_module("benchmarks.__main__").main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
