@@ -33,15 +33,6 @@ CLIP = (8, 64, 64, 3)
 FIXED = ("head.", "norm.")  # encoder parts MAE never trains
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared by several developers: one thread is faster than two fighting for them.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def serving_model(seed: int = 0) -> Hiera:
     torch.manual_seed(seed)
     model = Hiera(get_config(TINY, num_classes=len(LABELS))).eval()

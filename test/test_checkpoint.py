@@ -25,15 +25,6 @@ TINY = "hiera_tiny_8x64"
 LABELS = ["wave", "idle", "approach"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared by several developers: one thread is faster than two fighting for them.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(num_classes: int = 3, seed: int = 0) -> Hiera:
     torch.manual_seed(seed)
     model = Hiera(get_config(TINY, num_classes=num_classes)).eval()

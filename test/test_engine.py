@@ -19,15 +19,6 @@ TINY = "hiera_tiny_8x64"
 LABELS = ["wave", "idle", "approach", "recede", "swipe"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared by several developers: one thread is faster than two fighting for them.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model_with_head(seed: int = 0) -> Hiera:
     torch.manual_seed(seed)
     model = Hiera(get_config(TINY, num_classes=len(LABELS))).eval()

@@ -25,15 +25,6 @@ TINY = "hiera_tiny_8x64"
 T = 8  # frames of a TINY clip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared by several developers: one thread is faster than two fighting for them.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def head(k: int, c: int, seed: int = 0) -> torch.nn.Linear:
     torch.manual_seed(seed)
     lin = torch.nn.Linear(c, k)

@@ -29,15 +29,6 @@ T = 8
 TOL = 1e-6  # the clip buffer's stamp tolerance
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared by several developers: one thread is faster than two fighting for them.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
