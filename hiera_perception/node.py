@@ -4,35 +4,43 @@
 A thin adapter over the core (DESIGN.md, STYLE.md habits 1-8):
 
     image callback:  message -> RGB (convert.py) -> ClipBuffer.push -> bounded clip queue
-    worker thread:   clip queue -> Engine.infer (batched) -> ActionFeatures on `action_features`
+    worker thread:   clip queue -> Engine.infer (batched) -> ActionFeatures on `action_features`;
+                     between two batches: swaps in an adapted encoder version, records / learns taught
+                     labels, feeds the adaptation replay and renders `~/reconstruction` (online.py)
+    adapter thread:  MAE rounds on a shadow copy while the worker is idle (adaptation.py), optional
     timer:           counters -> /diagnostics (DiagnosticArray) + a throttled info summary
+    services:        ~/teach (TeachLabel), ~/adaptation/enable (SetBool), ~/adaptation/rollback, ~/adaptation/save
 
-Threads: `rclpy.spin` runs the image callback, the diagnostics timer and the parameter callbacks
-one at a time (the node's default mutually exclusive callback group on a single-threaded
-executor), so the ClipBuffer has one caller. The worker thread is the only user of the Engine.
-The two share the clip queue, the counters and `top_k`, all under `self._cond`.
+Threads and callback groups (main() spins a MultiThreadedExecutor): the image callback, the diagnostics
+timer and the parameter callbacks share the node's default mutually exclusive group, so the ClipBuffer
+has one caller. The adaptation services are in a group of their own, and the teach service in another:
+they wait (for a round in progress, for the recording to end) without stalling the camera. Only the
+worker thread runs the Engine; services hand it work and wait with a bounded timeout. The worker and
+the callbacks share the clip queue, the counters, `top_k` and the teach job, all under `self._cond`.
 
-Shape follows ros2/examples (`main`), ros2/demos (parameter callbacks, overridable QoS, lost
-message counting) and mgonzs13/yolo_ros (one declaration block, output copies the input header).
+Shape follows ros2/examples (`main`, callback groups), ros2/demos (parameter callbacks, overridable QoS,
+lost message counting) and mgonzs13/yolo_ros (one declaration block, output copies the input header).
 """
 
 from __future__ import annotations
 
 import array
 import logging
+import os
 import re
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rclpy
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -41,22 +49,30 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from hiera_perception_msgs.msg import ActionFeatures
+from hiera_perception_msgs.srv import TeachLabel
 from sensor_msgs.msg import CompressedImage, Image
+from std_srvs.srv import SetBool, Trigger
 
+from hiera_perception.adapt import decoder_state_of
 from hiera_perception.checkpoint import load_model
 from hiera_perception.clip_buffer import Clip, ClipBuffer
 from hiera_perception.convert import BadFrame, compressed_to_rgb, image_to_rgb
-from hiera_perception.engine import PRECISIONS, Engine
+from hiera_perception.engine import Engine
+from hiera_perception.node_config import PARAMETERS, ConfigError, NodeConfig, config_from
+from hiera_perception.online import (LiveAdaptation, TeachJob, default_adaptation_dir, default_prototypes_file,
+                                     resume_serving)
 
 __all__ = ["PerceptionNode", "NodeConfig", "ConfigError", "main"]
 
 NODE_NAME = "hiera_perception"
 DIAGNOSTIC_NAME = "hiera_perception: pipeline"
-INPUTS = ("raw", "compressed")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+ADAPTATION_DIAGNOSTIC_NAME = "hiera_perception: adaptation"
 _LATENCY_WINDOW = 256  # clips the latency percentiles are taken over
 _WARN_EVERY_S = 5.0  # throttle of per-frame warnings
 _SUMMARY_EVERY_S = 10.0  # throttle of the info summary
+TEACH_MAX_S = 60.0  # longest TeachLabel recording
+_TEACH_MARGIN_S = 30.0  # the teach service's wait beyond `seconds`: the last clip's inference, then the teaching
+_EXECUTOR_THREADS = 4  # default group, adaptation services, teach service, and one spare
 
 
 class _ToRosLogger(logging.Handler):
@@ -73,78 +89,6 @@ class _ToRosLogger(logging.Handler):
         emit(f"{record.name}: {record.getMessage()}")
 
 
-class ConfigError(ValueError):
-    """A parameter value the node cannot run with; the message names the parameter and value."""
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    model: str
-    arch: str
-    device: str
-    precision: str
-    top_k: int
-    frame_stride_s: float
-    hop_s: float
-    max_gap_s: float
-    queue_size: int
-    input: str
-    output_topic: str
-    diagnostics_period_s: float
-    frame_id: str
-    adaptation_enabled: bool
-
-    def validate(self) -> None:
-        """Checks the descriptors cannot express; ranges and types are enforced on declaration."""
-        if not _DEVICE_RE.match(self.device):
-            raise ConfigError(f"parameter device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"parameter precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.input not in INPUTS:
-            raise ConfigError(f"parameter input: {self.input!r} is not one of {', '.join(INPUTS)}")
-        if not self.output_topic.strip():
-            raise ConfigError("parameter output_topic: must not be empty")
-        if self.device.startswith("cuda"):
-            import torch
-
-            index = int(self.device.partition(":")[2] or 0)
-            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-                raise ConfigError(f"parameter device: {self.device!r} but this machine has "
-                                  f"{torch.cuda.device_count()} CUDA device(s); use auto or cpu")
-
-
-def _desc(description: str, lo: float | None = None, hi: float | None = None,
-          read_only: bool = False) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=description, read_only=read_only)
-    if isinstance(lo, int) and isinstance(hi, int):
-        d.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=1)]
-    elif lo is not None:
-        d.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
-    return d
-
-
-# name -> (default, descriptor). Only top_k can change at run time; the rest need a restart.
-PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
-    "model": ("", _desc('Checkpoint file, a file name in models/, a fetched official name, or a config name '
-                        '(random weights); "" = the embedded default model')),
-    "arch": ("", _desc('Config name for an official .pth checkpoint (e.g. hiera_base_16x224); "" = from the file')),
-    "device": ("auto", _desc("auto (cuda when available), cpu, cuda or cuda:N")),
-    "precision": ("fp32", _desc(f"Inference precision: {' | '.join(PRECISIONS)}")),
-    "top_k": (5, _desc("Labels (best first) in each message; can change at run time", 1, 1000)),
-    "frame_stride_s": (0.0, _desc("Seconds between a clip's frames on the camera timeline; 0 = the model's own",
-                                  0.0, 10.0)),
-    "hop_s": (0.5, _desc("Seconds between the starts of consecutive clips", 0.01, 60.0)),
-    "max_gap_s": (1.0, _desc("A gap between frame stamps longer than this restarts the clip", 0.01, 3600.0)),
-    "queue_size": (4, _desc("Clips waiting for the model; when full the oldest is dropped (counted)", 1, 256)),
-    "input": ("raw", _desc("raw: sensor_msgs/Image on `image`; compressed: sensor_msgs/CompressedImage on "
-                           "`image/compressed` (the base topic `image` is what you remap)")),
-    "output_topic": ("action_features", _desc("Topic of the hiera_perception_msgs/ActionFeatures output")),
-    "diagnostics_period_s": (1.0, _desc("Seconds between /diagnostics reports", 0.1, 3600.0)),
-    "frame_id": ("", _desc('Output header.frame_id; "" = the camera\'s frame_id')),
-    "adaptation.enabled": (False, _desc("On-device adaptation (not in this version yet: true only warns)")),
-}
-
-
 class PerceptionNode(Node):
     """Subscribes to `image` (or `image/compressed`), publishes ActionFeatures and /diagnostics."""
 
@@ -156,7 +100,7 @@ class PerceptionNode(Node):
             except (InvalidParameterValueException, InvalidParameterTypeException) as e:
                 hint = " (write floats with a decimal point, e.g. 1.0)" if isinstance(default, float) else ""
                 raise ConfigError(f"parameter {name}: {e.args[0] if e.args else e}{hint}") from None
-        self.config = NodeConfig(**{name.replace(".", "_"): self.get_parameter(name).value for name in PARAMETERS})
+        self.config = config_from({name: self.get_parameter(name).value for name in PARAMETERS})
         self.config.validate()
         self._core_log = _ToRosLogger(self.get_logger())
         logging.getLogger("hiera_perception").addHandler(self._core_log)
@@ -166,10 +110,27 @@ class PerceptionNode(Node):
         cfg = self.config
 
         try:
-            model = load_model(cfg.model or None, arch=cfg.arch or None, device=cfg.device)
-            self._engine = Engine(model, cfg.device, cfg.precision, cfg.top_k)
+            base = load_model(cfg.model or None, arch=cfg.arch or None, device=cfg.device)
         except (ValueError, OSError) as e:
             raise ConfigError(f"parameter model {cfg.model or '(embedded default)'!r}: {e}") from None
+        self._prototypes_file = Path(cfg.prototypes_file).expanduser() if cfg.prototypes_file \
+            else default_prototypes_file(base)
+        self._adaptation_dir = Path(cfg.adaptation_dir).expanduser() if cfg.adaptation_dir \
+            else default_adaptation_dir(base.model_id)
+        model, mae_state, reference = base, None, None
+        if cfg.adaptation_enabled and cfg.adaptation_resume:
+            try:
+                model, mae_state, resumed = resume_serving(base, self._adaptation_dir)
+            except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+                raise ConfigError(f"parameter adaptation.dir {str(self._adaptation_dir)!r}: cannot resume "
+                                  f"(set adaptation.resume false to start from the base model): {e}") from None
+            reference = base if resumed else None  # the drift guard compares with the original model
+        elif cfg.adaptation_enabled:
+            mae_state = decoder_state_of(base)
+        try:
+            self._engine = Engine(model, cfg.device, cfg.precision, cfg.top_k, str(self._prototypes_file))
+        except (ValueError, OSError) as e:  # the model loaded: what fails here is the taught labels' file
+            raise ConfigError(f"parameter prototypes_file {str(self._prototypes_file)!r}: {e}") from None
         stride = cfg.frame_stride_s or self._engine.frame_stride_s
         self._buffer = ClipBuffer(self._engine.num_frames, stride, cfg.hop_s, cfg.max_gap_s, self._engine.size)
 
@@ -182,6 +143,9 @@ class PerceptionNode(Node):
         self._counts = Counter()  # frames, bad, frames_lost, queue_drops, published, inference_errors
         self._bad: Counter[str] = Counter()  # bad frames per reason
         self._last_report = (time.monotonic(), Counter(), {})  # (time, counts, buffer counters) at the last report
+        self._working = False  # the worker holds a batch, a swap or a teach job (the Adapter yields meanwhile)
+        self._teach_job: TeachJob | None = None
+        self._next_panel = 0.0  # time.monotonic() of the next ~/reconstruction image (worker only)
 
         self._pub = self.create_publisher(
             ActionFeatures, cfg.output_topic, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE),
@@ -199,16 +163,56 @@ class PerceptionNode(Node):
             qos_overriding_options=QoSOverridingOptions.with_default_policies(),
             event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_message_lost))
         self._timer = self.create_timer(cfg.diagnostics_period_s, self._report)
+        self._recon_pub = self.create_publisher(Image, "~/reconstruction",
+                                                QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE))
+
+        # Services wait (for a round in progress, for a recording): each kind in a group of its own, so they
+        # never hold up the image callback, nor each other. The model work they ask for is done by the worker.
+        self._adaptation_group = MutuallyExclusiveCallbackGroup()
+        self._teach_group = MutuallyExclusiveCallbackGroup()
+        self._learning_services = [
+            self.create_service(SetBool, "~/adaptation/enable", self._on_enable, callback_group=self._adaptation_group),
+            self.create_service(Trigger, "~/adaptation/rollback", self._on_rollback,
+                                callback_group=self._adaptation_group),
+            self.create_service(Trigger, "~/adaptation/save", self._on_save, callback_group=self._adaptation_group),
+            self.create_service(TeachLabel, "~/teach", self._on_teach, callback_group=self._teach_group),
+        ]
+
+        self._adaptation: LiveAdaptation | None = None  # set once, at start or by the enable service
+        self._adaptation_lock = threading.Lock()
+        if cfg.adaptation_enabled:
+            try:
+                self._adaptation = self._start_adaptation(mae_state, reference)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"adaptation could not start (adaptation.dir {str(self._adaptation_dir)!r}): "
+                                  f"{e}") from None
+        del base, model, mae_state, reference  # the Adapter holds its own copies
 
         self._worker = threading.Thread(target=self._work, name="hiera_perception_worker", daemon=True)
         self._worker.start()
-        if cfg.adaptation_enabled:
-            self.get_logger().warning("adaptation.enabled is true, but this version of the node has no on-device "
-                                      "adaptation yet: serving the model as loaded")
         self.get_logger().info(
             f"model {self._engine.encoder_version} on {self._engine.device} ({cfg.precision}): clips of "
             f"{self._engine.num_frames} frames every {stride:.4g} s, a new clip every {cfg.hop_s:.4g} s; "
-            f"{cfg.input} input on {self._sub.topic_name}, output on {self._pub.topic_name}")
+            f"{cfg.input} input on {self._sub.topic_name}, output on {self._pub.topic_name}; adaptation "
+            + (f"on, versions in {self._adaptation_dir}" if self._adaptation else "off"))
+
+    def _start_adaptation(self, mae_state: dict | None, reference: Any) -> LiveAdaptation:
+        """An Adapter on the serving model, its thread started. Raises ValueError/OSError."""
+        self._adaptation_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(self._adaptation_dir, os.W_OK):
+            raise OSError(f"{self._adaptation_dir} is not writable")
+        live = LiveAdaptation(self._engine.model, self.config.adaptation, self._adaptation_dir, mae_state,
+                              reference, busy=self._busy, notify=self._wake_worker)
+        live.start()
+        return live
+
+    def _busy(self) -> bool:
+        """The Adapter's yield test (its thread, no lock: a stale answer only delays or allows one step)."""
+        return self._working or bool(self._queue)
+
+    def _wake_worker(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     # ------------------------------------------------------------------ parameters
 
@@ -217,6 +221,9 @@ class PerceptionNode(Node):
             if p.name == "top_k":
                 if not (isinstance(p.value, int) and 1 <= p.value <= 1000):
                     return SetParametersResult(successful=False, reason=f"top_k must be 1..1000, got {p.value!r}")
+            elif p.name == "adaptation.enabled":
+                return SetParametersResult(
+                    successful=False, reason="adaptation.enabled is read at start: use the ~/adaptation/enable service")
             elif p.name in PARAMETERS:
                 return SetParametersResult(
                     successful=False,
@@ -270,7 +277,8 @@ class PerceptionNode(Node):
     # ------------------------------------------------------------------ worker thread
 
     def _work(self) -> None:
-        """Owns the Engine: take every queued clip (a batch), infer, publish; until stopped."""
+        """Owns the Engine: take every queued clip (a batch), infer, publish; until stopped. Between two batches
+        it swaps in a new adapted version and finishes a teach job whose recording time is over."""
         try:  # the first call pays for lazy initialisation; do it before frames arrive
             self._engine.infer([[np.zeros((self._engine.size, self._engine.size, 3), np.uint8)]
                                 * self._engine.num_frames])
@@ -278,23 +286,94 @@ class PerceptionNode(Node):
             self.get_logger().error(f"warm-up inference failed: {e}")
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._stop)
+                self._working = False
+                job = self._teach_job
+                # A teach job's deadline passes without a notify: wake up for it.
+                timeout = None if job is None else max(0.0, job.until - time.monotonic()) + 0.01
+                self._cond.wait_for(self._has_work, timeout)
                 if self._stop:
                     return
                 batch = list(self._queue)  # everything waiting: one batched forward pass
                 self._queue.clear()
+                job = self._teach_job
+                self._working = True
                 self._engine.labeler.top_k = self._top_k
-            try:
-                results = self._engine.infer([clip.frames for clip in batch])
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: drop this batch, keep serving
+            live = self._adaptation
+            if live is not None and live.pending:
+                self._swap(live)
+            if batch and not self._serve(batch, job, live):
+                return
+            if job is not None and job.due(time.monotonic()):
+                job.finish(self._engine.teach, str(self._prototypes_file))
                 with self._cond:
-                    self._counts["inference_errors"] += len(batch)
-                self.get_logger().error(f"inference failed on {len(batch)} clip(s): {e}",
-                                        throttle_duration_sec=_WARN_EVERY_S)
-                continue
-            for clip, result in zip(batch, results):
-                if not self._publish(clip, result):
-                    return
+                    if self._teach_job is job:
+                        self._teach_job = None
+                self.get_logger().info(job.message)
+
+    def _has_work(self) -> bool:
+        """Under _cond: clips, a stop, a swap to apply, or a teach job to finish."""
+        live, job = self._adaptation, self._teach_job
+        return bool(self._queue) or self._stop or (live is not None and live.pending) or (
+            job is not None and job.due(time.monotonic()))
+
+    def _serve(self, batch: list[Clip], job: TeachJob | None, live: LiveAdaptation | None) -> bool:
+        """Infer and publish a batch, then hand its clips to teaching and adaptation. False when shutting down."""
+        try:
+            results = self._engine.infer([clip.frames for clip in batch])
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: drop this batch, keep serving
+            with self._cond:
+                self._counts["inference_errors"] += len(batch)
+            self.get_logger().error(f"inference failed on {len(batch)} clip(s): {e}",
+                                    throttle_duration_sec=_WARN_EVERY_S)
+            return True
+        for clip, result in zip(batch, results):
+            if not self._publish(clip, result):
+                return False
+        clips = [clip.frames for clip in batch]
+        if job is not None:
+            job.record(clips, time.monotonic())
+        if live is not None:
+            try:
+                live.add_clips(clips)
+            except ValueError as e:  # a clip larger than the whole replay cap
+                self.get_logger().warning(f"adaptation replay: {e}", throttle_duration_sec=_WARN_EVERY_S)
+            self._maybe_publish_panel(live, batch[-1])
+        return True
+
+    def _swap(self, live: LiveAdaptation) -> None:
+        """Worker, between two clips: serve the version the Adapter accepted (or rolled back to)."""
+        try:
+            version = live.apply_pending(self._engine.model)
+        except Exception as e:  # noqa: BLE001 - keep serving the weights we have
+            self.get_logger().error(f"could not swap in the adapted encoder: {e}")
+            return
+        if version is not None:
+            self.get_logger().info(f"now serving {self._engine.encoder_version}")
+
+    def _maybe_publish_panel(self, live: LiveAdaptation, clip: Clip) -> None:
+        """Worker: every reconstruction_period_s, while someone listens, the latest clip's MAE panel."""
+        period = self.config.adaptation_reconstruction_period_s
+        now = time.monotonic()
+        if period <= 0 or now < self._next_panel or self._recon_pub.get_subscription_count() == 0:
+            return
+        self._next_panel = now + period
+        try:
+            panel = live.panel(self._engine.model, clip.frames)
+        except Exception as e:  # noqa: BLE001 - a picture is not worth stopping the worker
+            self.get_logger().error(f"reconstruction panel failed: {e}", throttle_duration_sec=_WARN_EVERY_S)
+            return
+        header, _ = clip.tags[-1]
+        msg = Image()
+        msg.header.stamp = header.stamp
+        msg.header.frame_id = self.config.frame_id or header.frame_id
+        msg.height, msg.width = panel.shape[:2]
+        msg.encoding, msg.step = "rgb8", panel.shape[1] * 3
+        msg.data = panel.tobytes()
+        try:
+            self._recon_pub.publish(msg)
+        except Exception as e:  # noqa: BLE001 - after Ctrl-C the context is gone
+            if self.context.ok():
+                self.get_logger().error(f"reconstruction publish failed: {e}", throttle_duration_sec=_WARN_EVERY_S)
 
     def _publish(self, clip: Clip, result: Any) -> bool:
         """Publish one clip's result; False when the node is shutting down (the worker then stops)."""
@@ -322,6 +401,80 @@ class PerceptionNode(Node):
             self._latencies.append(latency)
         self.get_logger().debug(f"clip {clip.epoch}/{clip.index}: {result.labels[:1]} latency {latency * 1e3:.1f} ms")
         return True
+
+    # ------------------------------------------------------------------ services
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        """Adaptation on or off. The first `true` of a node started without it builds the Adapter (from the
+        serving model; no resume) in this thread; the worker serves on meanwhile."""
+        with self._adaptation_lock:
+            live = self._adaptation
+            if request.data and live is None:
+                try:
+                    live = self._adaptation = self._start_adaptation(decoder_state_of(self._engine.model), None)
+                except (ValueError, OSError) as e:
+                    response.success, response.message = False, f"adaptation could not start: {e}"
+                    self.get_logger().error(response.message)
+                    return response
+        if live is not None:
+            live.set_enabled(request.data)
+        response.success = True
+        response.message = (f"adaptation {'enabled' if request.data else 'disabled'}; serving "
+                            f"{self._engine.encoder_version}")
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_rollback(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Back to the previous kept version (or the base model). Waits for a round in progress to end."""
+        live = self._adaptation
+        if live is None:
+            response.success, response.message = False, "adaptation is off: nothing to roll back"
+            return response
+        try:
+            version = live.rollback()
+        except (ValueError, OSError) as e:  # nothing older, or a kept file that cannot be read
+            response.success, response.message = False, f"rollback failed: {e}"
+            return response
+        response.success = True
+        response.message = f"rolled back to version {version}; it serves from the next clip"
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_save(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Checkpoint the deployed version now. Waits for a round in progress to end."""
+        live = self._adaptation
+        if live is None:
+            response.success, response.message = False, "adaptation is off: nothing to save"
+            return response
+        try:
+            path = live.save()
+        except (ValueError, OSError) as e:
+            response.success, response.message = False, f"save failed: {e}"
+            return response
+        response.success, response.message = True, str(path)
+        return response
+
+    def _on_teach(self, request: TeachLabel.Request, response: TeachLabel.Response) -> TeachLabel.Response:
+        """Record the clips served during the next `seconds`, then the worker learns them as `label`. Answers
+        when done, at most `seconds` + a margin later (this group's thread waits; nothing else does)."""
+        try:
+            job = TeachJob.start(request.label, float(request.seconds), TEACH_MAX_S)
+        except ValueError as e:
+            response.success, response.message = False, str(e)
+            return response
+        with self._cond:
+            if self._teach_job is not None:  # one that timed out is still being learnt
+                response.success, response.message = False, f"still teaching {self._teach_job.label!r}"
+                return response
+            self._teach_job = job
+            self._cond.notify()
+        self.get_logger().info(f"recording {job.label!r} for {request.seconds:.3g} s")
+        if not job.done.wait(float(request.seconds) + _TEACH_MARGIN_S):
+            response.success = False
+            response.message = f"the worker did not finish teaching {job.label!r} in time (is it overloaded?)"
+            return response
+        response.success, response.clips_learned, response.message = job.success, job.clips_learned, job.message
+        return response
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -380,10 +533,11 @@ class PerceptionNode(Node):
             "encoder_version": self._engine.encoder_version,
             "device": str(self._engine.device),
             "precision": self.config.precision,
-            "adaptation": "requested, not available" if self.config.adaptation_enabled else "off",
+            "adaptation": self._adaptation_state(),
+            "prototypes_file": str(self._prototypes_file),
         }
         status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-        msg = DiagnosticArray(status=[status])
+        msg = DiagnosticArray(status=[status, self._adaptation_status()])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(msg)
         if counts["frames"]:
@@ -393,10 +547,40 @@ class PerceptionNode(Node):
                 f"{counts['queue_drops']} clips dropped, {buffer['resets']} clip buffer resets",
                 throttle_duration_sec=_SUMMARY_EVERY_S)
 
+    def _adaptation_state(self) -> str:
+        live = self._adaptation
+        return "off" if live is None else "enabled" if live.adapter.enabled.is_set() else "disabled"
+
+    def _adaptation_status(self) -> DiagnosticStatus:
+        """The Adapter's state; WARN when its last round failed (a fault, not a guard rejection)."""
+        status = DiagnosticStatus(name=ADAPTATION_DIAGNOSTIC_NAME, hardware_id=str(self._engine.device),
+                                  level=DiagnosticStatus.OK)
+        live = self._adaptation
+        values: dict[str, Any] = {"enabled": False, "serving": self._engine.encoder_version}
+        if live is None:
+            status.message = "off"
+        else:
+            st = live.status()
+            last = st["last_result"]
+            values.update(
+                enabled=st["enabled"], version=st["version"], rounds=st["rounds"], accepted=st["accepted"],
+                rejected=st["rejected"], last_result=last, replay_clips=st["replay_clips"], replay_mb=st["replay_mb"],
+                device_share=st["device_share"], decoder_warmup=st["decoder_warmup"], swap_pending=st["swap_pending"],
+                trainable=self.config.adaptation.trainable, dir=st["dir"])
+            if re.match(r"^\w+(Error|Exception|Interrupt)\b", last):
+                status.level = DiagnosticStatus.WARN
+            status.message = (f"{'enabled' if st['enabled'] else 'disabled'}, version {st['version']}, "
+                              f"{st['accepted']}/{st['rounds']} rounds accepted; last: {last or 'no round yet'}")
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        return status
+
     # ------------------------------------------------------------------ shutdown
 
     def destroy_node(self) -> None:
-        """Stop and join the worker (it finishes the batch in hand), then destroy the node."""
+        """Stop the Adapter's thread, stop and join the worker (it finishes the batch in hand), destroy the node."""
+        live = getattr(self, "_adaptation", None)
+        if live is not None:
+            live.stop()
         worker = getattr(self, "_worker", None)  # absent when __init__ failed part way
         if worker is not None:
             with self._cond:
@@ -416,9 +600,13 @@ def main(args: list[str] | None = None) -> int:
             except ConfigError as e:
                 get_logger(NODE_NAME).fatal(str(e))
                 return 2
+            # Several threads: the services wait (module docstring) while the camera keeps flowing.
+            executor = MultiThreadedExecutor(num_threads=_EXECUTOR_THREADS)
+            executor.add_node(node)
             try:
-                rclpy.spin(node)
+                executor.spin()
             finally:
+                executor.shutdown()
                 node.destroy_node()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
