@@ -210,9 +210,7 @@ def adapt_offline(
     if source and prototypes_path(source).is_file():  # the guard keeps embeddings close: taught labels stay valid
         atomic_write_bytes(prototypes_path(summary.out), prototypes_path(source).read_bytes())
     probe = adapter.replay.first(1)[0]
-    g = torch.Generator().manual_seed(config.seed)
-    keep = model.random_keep(1, config.mask_ratio, generator=g)
-    rows = [reconstruction_panel(m, probe, keep) for m in (before, adapter.mae)]
+    rows = [reconstruction_panel(m, probe, mask_ratio=config.mask_ratio, seed=config.seed) for m in (before, adapter.mae)]
     gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
     save_png(summary.png, np.concatenate([rows[0], gap, rows[1]]), scale=max(1, 256 // S))
     return summary

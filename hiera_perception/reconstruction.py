@@ -40,11 +40,16 @@ def panel_frame_index(mae: HieraMAE) -> int:
 
 def _keep_for(mae: HieraMAE, keep: torch.Tensor | np.ndarray | None, mask_ratio: float, seed: int,
               device: torch.device) -> torch.Tensor:
-    """keep [M] or [1, M] bool (True = visible unit), or a seeded random one -> [1, M] on device."""
+    """keep [M] or [1, M] bool (True = visible unit) -> [1, M] on device. None draws one from `seed` that keeps
+    the same share of units in every temporal slice, so the frame shown always has some of its scene visible
+    (a plain random mask may drop all of one frame's units: a grey middle picture)."""
     M = mae.config.num_mask_units
     if keep is None:
-        g = torch.Generator().manual_seed(seed)
-        return mae.encoder.random_keep(1, mask_ratio, generator=g).to(device)
+        mt, mh, mw = mae.config.mask_spatial_shape
+        n_keep = max(1, round(mh * mw * (1.0 - mask_ratio)))
+        noise = torch.rand(mt, mh * mw, generator=torch.Generator().manual_seed(seed))
+        ranks = noise.argsort(dim=1).argsort(dim=1)  # each unit's rank within its slice; the n_keep lowest stay
+        return (ranks < n_keep).reshape(1, M).to(device)  # [mt, mh*mw] -> [1, M], raster (t, h, w) like keep
     keep = torch.as_tensor(keep)
     if keep.dtype != torch.bool or keep.numel() != M:
         raise ValueError(f"keep must be a bool mask of {M} mask units for {mae.config.name}, "
@@ -63,8 +68,8 @@ def reconstruction_panel(
     """One clip -> RGB uint8 [S, 3 S + 2 GAP_PX, 3]: input | masked input | reconstruction of its middle frame.
 
     clip: T RGB uint8 frames [H, W, 3] (cropped and resized to the model's S x S like every input) or an
-    array [T, H, W, 3]. keep: [M] (or [1, M]) bool mask units, True = visible; None draws one with
-    `mask_ratio` from `seed`. `mae` is put in eval mode: it must not be training in another thread.
+    array [T, H, W, 3]. keep: [M] (or [1, M]) bool mask units, True = visible; None draws one from `seed` that
+    drops `mask_ratio` of every frame's units. `mae` is put in eval mode: it must not be training in another thread.
     """
     cfg = mae.config
     T, S = cfg.input_size[0], cfg.input_size[1]

@@ -64,6 +64,9 @@ def test_random_keep_is_seeded_and_frames_are_resized(mae):
     b = reconstruction_panel(mae, list(big), seed=3)
     assert a.shape == (S, 3 * S + 2 * GAP_PX, 3)
     np.testing.assert_array_equal(a, b)
+    # the drawn mask drops 75% of *this frame's* units: one of its 2 x 2 units stays visible
+    shown, masked, _ = pictures(a)
+    assert (masked == shown).all(axis=-1).mean() == pytest.approx(0.25, abs=0.01)
     with pytest.raises(ValueError, match="has 8 frames, got 7"):
         reconstruction_panel(mae, big[:7])
     with pytest.raises(ValueError, match="keep must be a bool mask of 16 mask units"):
