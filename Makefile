@@ -70,5 +70,10 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-demo embedded-model:
+# The README's main job: synthetic camera -> perception node (embedded model) -> printed labels, over ROS 2.
+# ARGS passes options through, e.g. make demo ARGS="--duration 60".
+demo: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST $(PY) -m hiera_perception demo $(ARGS)
+
+embedded-model:
 	@echo "make $@: not written yet (TODO)" >&2; exit 1

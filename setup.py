@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 PACKAGE = "hiera_perception"
 # Console scripts that ROS tools start by name (`ros2 run`, launch_ros `Node(executable=...)`). Each gets a shim in
 # lib/hiera_perception/ (tools/ros_exec/NAME) that runs bin/NAME, because pip ignores setup.cfg's install_scripts.
-ROS_EXECUTABLES = ["perception_node"]
+ROS_EXECUTABLES = ["perception_node", "camera_publisher", "action_consumer"]  # the others link to the first
 
 
 def _version() -> str:
@@ -47,6 +47,8 @@ setup(
         "console_scripts": [
             "hiera-perception = hiera_perception.cli:main",
             "perception_node = hiera_perception.node:main",
+            "camera_publisher = hiera_perception.camera:node_main",
+            "action_consumer = hiera_perception.consumer:main",
         ],
     },
 )
