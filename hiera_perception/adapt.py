@@ -233,7 +233,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    g = p.add_argument_group("adaptation (the node's adaptation.* parameters)")
+    g = p.add_argument_group("adaptation settings (AdaptationConfig, as the node's adaptation.* parameters)")
     for f in dataclasses.fields(AdaptationConfig):
         if f.name in _ONLINE_ONLY:
             continue
