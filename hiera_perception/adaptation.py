@@ -185,6 +185,8 @@ class Adapter:
         self.busy = busy
         self.labels = list(labels if labels is not None else getattr(model, "labels", []))
         self.model_id = model_id or getattr(model, "model_id", model.config.name)
+        # the clip timing the model was trained with travels into every version, so each file serves alone
+        self.sampling = dict(getattr(reference or model, "sampling", {}))
         self.version = version
         self.enabled = threading.Event()
         self.enabled.set()
@@ -358,8 +360,8 @@ class Adapter:
         if self.out_dir is None:
             return
         path = self._path(version)
-        save_checkpoint(path, self.mae, labels=self.labels, model_id=self.model_id,
-                        version=version, extra={"adaptation": {"rounds": self.rounds}})
+        save_checkpoint(path, self.mae, labels=self.labels, model_id=self.model_id, version=version,
+                        extra={"adaptation": {"rounds": self.rounds}, "sampling": self.sampling})
         try:
             atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": path.name}) + "\n")
         except BaseException:
@@ -381,7 +383,7 @@ class Adapter:
             state_now = self._mae_state()
             self.mae.load_state_dict(self._deployed)
             save_checkpoint(self._path(self.version), self.mae, labels=self.labels, model_id=self.model_id,
-                            version=self.version)
+                            version=self.version, extra={"sampling": self.sampling})
             self.mae.load_state_dict(state_now)
             self.kept = sorted({*self.kept, self.version})  # rollback() relies on the order
             return self._path(self.version)
