@@ -16,17 +16,14 @@ usual camera drivers (usb_cam, image_tools cam2image): a timer paces capture, im
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import cv2
 import numpy as np
-import rclpy
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.logging import get_logger
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -35,6 +32,8 @@ from rclpy.task import Future
 
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
+
+from hiera_perception.ros_params import declare_all, describe, spin_node
 
 __all__ = ["CameraPublisher", "CameraConfig", "format_true_action", "parse_true_action", "node_main",
            "add_arguments", "main"]
@@ -163,15 +162,9 @@ class _SyntheticSource:
 # ---------------------------------------------------------------------------------------------- node
 
 
-def _desc(description: str, lo: float | None = None, hi: float | None = None, read_only: bool = True,
-          ) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=description, read_only=read_only)
-    if isinstance(lo, int) and isinstance(hi, int):
-        d.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=1)]
-    elif lo is not None:
-        d.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
-    return d
 
+
+_desc = functools.partial(describe, read_only=True)  # only fps changes at run time
 
 # name -> (default, descriptor). Only fps can change at run time; the source needs a restart.
 PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
@@ -229,12 +222,7 @@ class CameraPublisher(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        for name, (default, descriptor) in PARAMETERS.items():
-            try:
-                self.declare_parameter(name, default, descriptor)
-            except (InvalidParameterValueException, InvalidParameterTypeException) as e:
-                raise ValueError(f"parameter {name}: {e}") from None
-        values = {name: self.get_parameter(name).value for name in PARAMETERS}
+        values = declare_all(self, PARAMETERS)
         values["synthetic_segment_s"] = tuple(values["synthetic_segment_s"])
         self.config = cfg = CameraConfig(**values)
         cfg.validate()
@@ -340,23 +328,8 @@ class CameraPublisher(Node):
 
 def run(argv: Sequence[str] | None = None, **node_kwargs: Any) -> int:
     """rclpy.init with `argv`, the node until Ctrl-C (or the end of a non-looping video); 0, or 2 on bad parameters."""
-    node = None
-    try:
-        with rclpy.init(args=list(argv) if argv is not None else None):
-            try:
-                node = CameraPublisher(**node_kwargs)
-            except ValueError as e:
-                get_logger(NODE_NAME).fatal(str(e))
-                return 2
-            executor = SingleThreadedExecutor()
-            executor.add_node(node)
-            try:
-                executor.spin_until_future_complete(node.finished)
-            finally:
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    return 0
+    return spin_node(lambda: CameraPublisher(**node_kwargs), NODE_NAME, list(argv) if argv is not None else None,
+                     until=lambda node: node.finished)
 
 
 def node_main(args: list[str] | None = None) -> int:

@@ -22,12 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
-import rclpy
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import (InvalidParameterTypeException, InvalidParameterValueException,
                               ParameterUninitializedException)
-from rclpy.executors import ExternalShutdownException
-from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -35,6 +32,9 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from geometry_msgs.msg import Twist
 from hiera_perception_msgs.msg import ActionFeatures
 from std_msgs.msg import String
+
+from hiera_perception.ros_params import describe as _desc
+from hiera_perception.ros_params import spin_node
 
 __all__ = ["ActionDecider", "ConsumerConfig", "ActionConsumer", "STOP", "main"]
 
@@ -111,14 +111,6 @@ class ActionDecider:
 # ---------------------------------------------------------------------------------------------- node
 
 
-def _desc(description: str, lo: float | None = None, hi: float | None = None, read_only: bool = False,
-          ) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=description, read_only=read_only)
-    if isinstance(lo, int) and isinstance(hi, int):
-        d.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=1)]
-    elif lo is not None:
-        d.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
-    return d
 
 
 _DEFAULTS = ConsumerConfig()
@@ -215,20 +207,7 @@ class ActionConsumer(Node):
 
 def main(args: list[str] | None = None) -> int:
     """The `action_consumer` console script."""
-    try:
-        with rclpy.init(args=args):
-            try:
-                node = ActionConsumer()
-            except ValueError as e:
-                get_logger(NODE_NAME).fatal(str(e))
-                return 2
-            try:
-                rclpy.spin(node)
-            finally:
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    return 0
+    return spin_node(ActionConsumer, NODE_NAME, args)
 
 
 if __name__ == "__main__":

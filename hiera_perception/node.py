@@ -35,13 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.logging import get_logger
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -61,6 +58,7 @@ from hiera_perception.engine import Engine
 from hiera_perception.node_config import PARAMETERS, ConfigError, NodeConfig, config_from
 from hiera_perception.online import (LiveAdaptation, TeachJob, default_adaptation_dir, default_prototypes_file,
                                      resume_serving)
+from hiera_perception.ros_params import declare_all, spin_node
 
 __all__ = ["PerceptionNode", "NodeConfig", "ConfigError", "main"]
 
@@ -94,13 +92,7 @@ class PerceptionNode(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        for name, (default, descriptor) in PARAMETERS.items():
-            try:
-                self.declare_parameter(name, default, descriptor)
-            except (InvalidParameterValueException, InvalidParameterTypeException) as e:
-                hint = " (write floats with a decimal point, e.g. 1.0)" if isinstance(default, float) else ""
-                raise ConfigError(f"parameter {name}: {e.args[0] if e.args else e}{hint}") from None
-        self.config = config_from({name: self.get_parameter(name).value for name in PARAMETERS})
+        self.config = config_from(declare_all(self, PARAMETERS, ConfigError))
         self.config.validate()
         self._core_log = _ToRosLogger(self.get_logger())
         logging.getLogger("hiera_perception").addHandler(self._core_log)
@@ -593,24 +585,8 @@ class PerceptionNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    try:
-        with rclpy.init(args=args):
-            try:
-                node = PerceptionNode()
-            except ConfigError as e:
-                get_logger(NODE_NAME).fatal(str(e))
-                return 2
-            # Several threads: the services wait (module docstring) while the camera keeps flowing.
-            executor = MultiThreadedExecutor(num_threads=_EXECUTOR_THREADS)
-            executor.add_node(node)
-            try:
-                executor.spin()
-            finally:
-                executor.shutdown()
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    return 0
+    # Several threads: the services wait (module docstring) while the camera keeps flowing.
+    return spin_node(PerceptionNode, NODE_NAME, args, executor=lambda: MultiThreadedExecutor(num_threads=_EXECUTOR_THREADS))
 
 
 if __name__ == "__main__":

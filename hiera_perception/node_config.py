@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor
 
 from hiera_perception.adaptation import AdaptationConfig
 from hiera_perception.engine import PRECISIONS
+from hiera_perception.ros_params import describe as _desc
 
 __all__ = ["ConfigError", "NodeConfig", "PARAMETERS", "INPUTS", "config_from"]
 
@@ -68,14 +69,6 @@ class NodeConfig:
                                   f"{torch.cuda.device_count()} CUDA device(s); use auto or cpu")
 
 
-def _desc(description: str, lo: float | None = None, hi: float | None = None,
-          read_only: bool = False) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=description, read_only=read_only)
-    if isinstance(lo, int) and isinstance(hi, int):
-        d.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=1)]
-    elif lo is not None:
-        d.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
-    return d
 
 
 _ADAPT = AdaptationConfig()  # the defaults of the adaptation.* parameters that configure the Adapter

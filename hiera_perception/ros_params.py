@@ -1,0 +1,71 @@
+"""What every node of this package does the same way: parameter descriptors and declaration, and `main`.
+
+ROS layer (imports rclpy). Nodes keep their parameters in a table `name -> (default, descriptor)`, declare it
+with `declare_all` (a bad value becomes a ValueError naming the parameter), and their console scripts run
+through `spin_node`, the ros2/examples `main` shape: a bad configuration exits 2 with one fatal line, Ctrl-C
+exits 0 without a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import rclpy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.executors import ExternalShutdownException, Executor, SingleThreadedExecutor
+from rclpy.logging import get_logger
+from rclpy.node import Node
+
+__all__ = ["describe", "declare_all", "spin_node"]
+
+
+def describe(description: str, lo: float | None = None, hi: float | None = None,
+             read_only: bool = False) -> ParameterDescriptor:
+    """A descriptor with an integer range when both bounds are ints, else a float range when bounds are given."""
+    d = ParameterDescriptor(description=description, read_only=read_only)
+    if isinstance(lo, int) and isinstance(hi, int):
+        d.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=1)]
+    elif lo is not None:
+        d.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
+    return d
+
+
+def declare_all(node: Node, table: dict[str, tuple[Any, ParameterDescriptor]],
+                error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """Declare every parameter of `table` on `node`; returns name -> value. A value out of range or of the wrong
+    type raises `error` naming the parameter (with a hint for the usual YAML slip, `1` for a float)."""
+    for name, (default, descriptor) in table.items():
+        try:
+            node.declare_parameter(name, default, descriptor)
+        except (InvalidParameterValueException, InvalidParameterTypeException) as e:
+            hint = " (write floats with a decimal point, e.g. 1.0)" if isinstance(default, float) else ""
+            raise error(f"parameter {name}: {e.args[0] if e.args else e}{hint}") from None
+    return {name: node.get_parameter(name).value for name in table}
+
+
+def spin_node(make_node: Callable[[], Node], name: str, args: list[str] | None = None,
+              executor: Callable[[], Executor] = SingleThreadedExecutor,
+              until: Callable[[Node], Any] | None = None) -> int:
+    """rclpy.init, the node until Ctrl-C (or until the future `until(node)` completes); 0, or 2 when the node
+    refuses its parameters (ValueError)."""
+    try:
+        with rclpy.init(args=args):
+            try:
+                node = make_node()
+            except ValueError as e:
+                get_logger(name).fatal(str(e))
+                return 2
+            ex = executor()
+            ex.add_node(node)
+            try:
+                if until is None:
+                    ex.spin()
+                else:
+                    ex.spin_until_future_complete(until(node))
+            finally:
+                ex.shutdown()
+                node.destroy_node()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    return 0
