@@ -6,7 +6,7 @@ with random speed, phase, position and start offset, camera shake, lighting, fli
 One frame never tells the class: every action draws the same scene parameters (actor, background,
 lighting, a size drawn from the same range approach/recede sweep) and differs only in how the actor
 moves — wave oscillates around a point, a swipe is one directed pass (wrapping at the frame edge), approach
-and recede sweep the scale in opposite directions, the circles differ only in their sense of rotation, and
+and recede sweep the scale in opposite directions (fading out and in again at each restart), the circles differ only in their sense of rotation, and
 idle jitters without going anywhere (every action jitters too, idle only more).
 
 Everything is a pure function of time given a clip's parameters, so a clip (`render_clip`) and the endless
@@ -108,15 +108,20 @@ def _background(rng: np.random.Generator, h: int, w: int, family: str) -> np.nda
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _contrasting_color(rng: np.random.Generator, ref: np.ndarray, min_dist: float = 100.0) -> np.ndarray:
-    for _ in range(20):
+def _contrasting_color(rng: np.random.Generator, bg_pixels: np.ndarray, min_dist: float = 90.0) -> np.ndarray:
+    """A colour far from most background pixels [N, 3] (not just their mean: stripes have two colours)."""
+    best, best_score = None, -1.0
+    for _ in range(30):
         c = rng.uniform(0, 255, 3)
-        if np.linalg.norm(c - ref) >= min_dist:
+        score = float(np.percentile(np.linalg.norm(bg_pixels - c, axis=1), 10))
+        if score >= min_dist:
             return c
-    return np.where(ref > 127, 25.0, 230.0)
+        if score > best_score:
+            best, best_score = c, score
+    return best
 
 
-def _sprite(rng: np.random.Generator, shape: str, px: int, bg_mean: np.ndarray) -> np.ndarray:
+def _sprite(rng: np.random.Generator, shape: str, px: int, bg_pixels: np.ndarray) -> np.ndarray:
     """The actor on a px x px canvas: premultiplied RGB + alpha, float32 [px, px, 4]; it fills ~90% of the box."""
     mask = np.zeros((px, px), np.uint8)
     c, r = px / 2.0, 0.45 * px
@@ -157,8 +162,8 @@ def _sprite(rng: np.random.Generator, shape: str, px: int, bg_mean: np.ndarray) 
     else:
         raise ValueError(f"unknown actor shape {shape!r}; valid: {SHAPES}")
 
-    c0 = _contrasting_color(rng, bg_mean)
-    c1 = np.clip(c0 + rng.uniform(-80, 80, 3), 0, 255)
+    c0 = _contrasting_color(rng, bg_pixels)
+    c1 = np.clip(c0 + rng.uniform(-60, 60, 3), 0, 255)
     rgb = c0 + (c1 - c0) * _pattern(rng, px, px, str(rng.choice(_TEXTURES)))[..., None]
     alpha = mask.astype(np.float32) / 255.0
     if rng.random() < 0.6:  # a darker outline, as drawn or shaded objects have
@@ -169,8 +174,10 @@ def _sprite(rng: np.random.Generator, shape: str, px: int, bg_mean: np.ndarray) 
     return np.dstack([rgb * alpha[..., None], alpha]).astype(np.float32)
 
 
-def _blend_sprite(frame: np.ndarray, sprite: np.ndarray, x: float, y: float, diam: float, angle: float) -> None:
-    """Draw the sprite centred at (x, y) with diameter `diam` px, rotated `angle` degrees, into frame in place."""
+def _blend_sprite(
+    frame: np.ndarray, sprite: np.ndarray, x: float, y: float, diam: float, angle: float, opacity: float = 1.0
+) -> None:
+    """Draw the sprite centred at (x, y), `diam` px across, rotated `angle` degrees, into frame in place."""
     px = sprite.shape[0]
     k = diam / (0.9 * px)
     n = int(math.ceil(px * k)) + 2
@@ -184,6 +191,8 @@ def _blend_sprite(frame: np.ndarray, sprite: np.ndarray, x: float, y: float, dia
         return
     warped = cv2.warpAffine(sprite, m, (n, n), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     sub = warped[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]  # [h', w', 4] premultiplied
+    if opacity < 1.0:
+        sub = sub * opacity
     roi = frame[fy0:fy1, fx0:fx1]
     roi[...] = (roi * (1.0 - sub[..., 3:]) + sub[..., :3] + 0.5).astype(np.uint8)
 
@@ -259,8 +268,8 @@ class _Scene:
 
         # Motion: the same draws for every action, so the action changes only how the actor moves.
         ox, oy = (w - side) / 2, (h - side) / 2  # the centred square that crop_resize keeps
-        self.log_range = r.uniform(math.log(1.8), math.log(2.8))  # approach/recede scale sweep
-        self.diam = side * math.exp(r.uniform(math.log(0.2), math.log(0.32)))
+        self.log_range = r.uniform(math.log(3.5), math.log(5.5))  # approach/recede scale sweep
+        self.diam = side * math.exp(r.uniform(math.log(0.18), math.log(0.26)))  # x exp(+-log_range / 2)
         self.static_log_scale = r.uniform(-self.log_range / 2, self.log_range / 2)
         self.cx, self.cy = ox + r.uniform(0.3, 0.7) * side, oy + r.uniform(0.3, 0.7) * side
         self.phase = r.uniform(0, 1)
@@ -270,7 +279,8 @@ class _Scene:
         self.wave = (r.uniform(0.1, 0.2) * side, r.uniform(1.0, 2.2), np.radians(r.uniform(-15, 15)), r.uniform(0, 20))
         self.swipe = (r.uniform(0.7, 1.6), math.radians(r.uniform(-10, 10)))
         self.circle = (r.uniform(0.12, 0.25) * side, r.uniform(0.5, 1.2), r.uniform(0.7, 1.0), r.uniform(0, np.pi))
-        self.loom_period = r.uniform(1.0, 2.2)
+        # 2x to 5x scale change per second: slower is a radius change of a pixel or two at a model's 64 px
+        self.loom_period = r.uniform(1.0, 1.8)
         jitter_px = r.uniform(0.5, 2.0) * side / 128
         idle_px = r.uniform(2.0, 4.5) * side / 128
         self.jitter_px = idle_px if action == "idle" else jitter_px
@@ -280,7 +290,8 @@ class _Scene:
 
         shape = str(r.choice(SHAPES))
         max_diam = self.diam * math.exp(self.log_range / 2 + 0.05)
-        self.sprite = _sprite(r, shape, int(np.clip(math.ceil(max_diam / 0.9), 16, 192)), clean_bg.mean((0, 1)))
+        px = int(np.clip(math.ceil(max_diam / 0.9), 16, 192))
+        self.sprite = _sprite(r, shape, px, clean_bg[::4, ::4].reshape(-1, 3).astype(np.float32))
 
         # Lighting: gamma, gain, a light gradient across the frame, white balance, flicker, sensor noise.
         sp = _shift_params(shift, shift_rng, side)
@@ -299,8 +310,8 @@ class _Scene:
         self.salt = sp["salt"]
         self.kernel = sp["kernel"]
 
-    def pose(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Actor centre x, y (px), log scale and angle (degrees) at times ts [n]."""
+    def pose(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Actor centre x, y (px), log scale, angle (degrees) and opacity at times ts [n]."""
         t = np.asarray(ts, np.float64) + self.t0
         f, ph = self.jitter
         j = (np.sin(2 * np.pi * f[..., None] * t + ph[..., None]).sum(1) / 3)  # [4, n] in [-1, 1]
@@ -308,6 +319,7 @@ class _Scene:
         y = self.cy + self.jitter_px * j[1]
         ang = self.angle0 + 3.0 * j[2] * self.jitter_px
         ls = self.static_log_scale + 0.015 * j[3] * self.jitter_px + np.zeros_like(t)
+        opacity = np.ones_like(t)
         a = self.action
         if a == "wave":
             amp, freq, tilt, wobble = self.wave
@@ -329,23 +341,32 @@ class _Scene:
             x = x + ux * math.cos(rot) - uy * math.sin(rot)
             y = y + ux * math.sin(rot) + uy * math.cos(rot)  # a rotation keeps the sense
         elif a in ("approach", "recede"):
+            # A sawtooth in log scale. The actor fades out before the jump back and in after it: a visible jump
+            # would put one big step against the many small ones, and over a whole period they cancel out.
             u = np.mod(t / self.loom_period + self.phase, 1.0)
             sweep = self.log_range * (u - 0.5)
-            ls = ls - self.static_log_scale + (sweep if a == "approach" else -sweep)
-        return x, y, ls, ang
+            opacity = np.clip(np.minimum(u, 1.0 - u) / 0.12, 0.0, 1.0)
+            sweep = sweep if a == "approach" else -sweep
+            ls = ls - self.static_log_scale + sweep
+            # Perspective, softened to stay in frame: an off-centre object drifts outwards as it comes closer.
+            spread = np.exp(0.6 * sweep)
+            x = self.w / 2 + (x - self.w / 2) * spread
+            y = self.h / 2 + (y - self.h / 2) * spread
+        return x, y, ls, ang, opacity
 
     def render(self, ts: np.ndarray) -> np.ndarray:
         """Frames at times ts [n] (seconds) -> uint8 RGB [n, H, W, 3]; noise continues the scene's noise stream."""
         ts = np.atleast_1d(np.asarray(ts, np.float64))
         n, h, w, m = len(ts), self.h, self.w, self.margin
-        x, y, ls, ang = self.pose(ts)
+        x, y, ls, ang, opacity = self.pose(ts)
         amp, sf, sph = self.shake
         shake = np.rint(amp * np.sin(2 * np.pi * sf[..., None] * (ts + self.t0) + sph[..., None]).mean(1)).astype(int)
         frames = np.empty((n, h, w, 3), np.uint8)
         for i in range(n):
             sx, sy = int(shake[0, i]), int(shake[1, i])
             frames[i] = self.bg[m + sy : m + sy + h, m + sx : m + sx + w]
-            _blend_sprite(frames[i], self.sprite, x[i] - sx, y[i] - sy, self.diam * math.exp(ls[i]), ang[i])
+            diam = self.diam * math.exp(ls[i])
+            _blend_sprite(frames[i], self.sprite, x[i] - sx, y[i] - sy, diam, ang[i], float(opacity[i]))
             if isinstance(self.kernel, tuple):  # optics / motion blur happen before the sensor
                 cv2.sepFilter2D(frames[i], -1, *self.kernel, dst=frames[i], borderType=cv2.BORDER_REFLECT)
             elif self.kernel is not None:

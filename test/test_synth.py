@@ -100,22 +100,22 @@ def _poses(action, seeds=range(16), t=np.arange(60) / 30):
 
 
 def test_trajectories_carry_the_class():
-    for x, _, _, _ in _poses("swipe_left"):
+    for x, _, _, _, _ in _poses("swipe_left"):
         assert np.mean(np.diff(x) < 0) > 0.9  # leftwards, but for the wrap-around jumps
-    for x, _, _, _ in _poses("swipe_right"):
+    for x, _, _, _, _ in _poses("swipe_right"):
         assert np.mean(np.diff(x) > 0) > 0.9
-    for _, _, ls, _ in _poses("approach"):
-        assert np.mean(np.diff(ls) > 0) > 0.85  # growing, but for the resets
-    for _, _, ls, _ in _poses("recede"):
-        assert np.mean(np.diff(ls) < 0) > 0.85
+    for _, _, ls, _, _ in _poses("approach"):
+        assert np.mean(np.diff(ls) > 0) > 0.95  # growing, but for the (faded out) restarts
+    for _, _, ls, _, _ in _poses("recede"):
+        assert np.mean(np.diff(ls) < 0) > 0.95
     for sense, action in ((1, "circle_cw"), (-1, "circle_ccw")):
-        for x, y, _, _ in _poses(action):
+        for x, y, _, _, _ in _poses(action):
             dx, dy = x - x.mean(), y - y.mean()
             area = np.sum(dx[:-1] * dy[1:] - dx[1:] * dy[:-1])  # > 0 is clockwise on screen (y down)
             assert np.sign(area) == sense
-    for x, _, _, _ in _poses("wave"):
+    for x, _, _, _, _ in _poses("wave"):
         assert np.sum(np.diff(np.sign(np.diff(x))) != 0) >= 2  # turns back at least twice in 2 s
-    for x, y, ls, _ in _poses("idle"):
+    for x, y, ls, _, _ in _poses("idle"):
         assert np.ptp(x) < 5 and np.ptp(y) < 5 and np.ptp(ls) < 0.1  # jitters (64 px frame), goes nowhere
 
 
@@ -124,7 +124,8 @@ def test_one_frame_does_not_tell_the_class():
     seeds = range(40)
     app, rec, still = (np.concatenate([p[2] for p in _poses(a, seeds)]) for a in ("approach", "recede", "wave"))
     assert abs(app.mean() - rec.mean()) < 0.02 and abs(app.std() - rec.std()) < 0.02
-    assert abs(app.mean() - still.mean()) < 0.06 and abs(app.std() - still.std()) < 0.06
+    # A still actor draws its one size per clip from the sweep's range: equal up to sampling noise of 40 clips.
+    assert abs(app.mean() - still.mean()) < 0.25 * app.std() and abs(still.std() / app.std() - 1) < 0.15
     left, right = (np.concatenate([p[0] for p in _poses(a, seeds)]) / 64 for a in ("swipe_left", "swipe_right"))
     assert abs(left.mean() - right.mean()) < 0.03 and abs(left.std() - right.std()) < 0.03
 
