@@ -6,8 +6,9 @@ with random speed, phase, position and start offset, camera shake, lighting, fli
 One frame never tells the class: every action draws the same scene parameters (actor, background,
 lighting, a size drawn from the same range approach/recede sweep) and differs only in how the actor
 moves — wave oscillates around a point, a swipe is one directed pass (wrapping at the frame edge), approach
-and recede sweep the scale in opposite directions (fading out and in again at each restart), the circles differ only in their sense of rotation, and
-idle jitters without going anywhere (every action jitters too, idle only more).
+and recede sweep the scale in opposite directions (fading out and in again at each restart, drifting
+with perspective), the circles differ only in their sense of rotation, and idle jitters without going
+anywhere (every action jitters too, idle only more).
 
 Everything is a pure function of time given a clip's parameters, so a clip (`render_clip`) and the endless
 camera (`SyntheticCamera`) share one renderer. A clip's parameters come from the generator it is given;
