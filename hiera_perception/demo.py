@@ -278,6 +278,8 @@ def main(args: argparse.Namespace) -> int:
     verbose = bool(getattr(args, "verbose", False))
     with tempfile.TemporaryDirectory(prefix="hiera_demo_") as tmp:
         workdir = Path(tmp)
+        if not node["model"]:
+            node["model"] = _embedded_or_untrained(workdir)
         children: dict[str, subprocess.Popen] = {}
         try:
             # Children first, before rclpy starts threads here: the node (slow to import torch), then the camera.
@@ -294,6 +296,28 @@ def main(args: argparse.Namespace) -> int:
             if stats.received_s or stats.scored:
                 s = stats.summary()
                 print(json.dumps({"summary": s}) if args.json else format_summary(s), flush=True)
+
+
+def _embedded_or_untrained(workdir: Path) -> str:
+    """The embedded model's path; while none is shipped, an untrained one with the synthetic action names, said
+    loudly, so the demo still shows the whole pipeline (its labels are then chance, and the summary says so)."""
+    from hiera_perception.checkpoint import DEFAULT_MODEL, MODELS_DIR
+
+    if (MODELS_DIR / DEFAULT_MODEL).is_file():
+        return str(MODELS_DIR / DEFAULT_MODEL)
+    import torch
+
+    from hiera_perception.checkpoint import save_checkpoint
+    from hiera_perception.config import get_config
+    from hiera_perception.model import Hiera
+    from hiera_perception.synth import ACTIONS
+
+    log.warning("no trained embedded model is shipped yet (%s): the demo runs the real pipeline on an UNTRAINED "
+                "model, so its labels are chance", MODELS_DIR / DEFAULT_MODEL)
+    torch.manual_seed(0)
+    model = Hiera(get_config("hiera_tiny_8x64", num_classes=len(ACTIONS)))
+    return str(save_checkpoint(workdir / "untrained.pt", model, labels=list(ACTIONS), model_id="untrained",
+                               extra={"sampling": {"frame_stride_s": 0.1}}))
 
 
 def _run(args: argparse.Namespace, stats: DemoStats, children: dict[str, subprocess.Popen], workdir: Path) -> int:
