@@ -1,0 +1,156 @@
+"""Training: pretrain and finetune lower their losses, checkpoints serve, --resume is exact, DDP on gloo."""
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hiera_perception.checkpoint import load_checkpoint, load_model, save_checkpoint
+from hiera_perception.config import get_config
+from hiera_perception.mae import HieraMAE
+from hiera_perception.preprocess import preprocess_clip
+from hiera_perception.synth import ACTIONS, write_dataset
+from hiera_perception.train import _check, _classifier, _load_init, add_arguments, clips_to_input, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """16 clips (2 per action), 1 s at 30 fps, 64 x 64: room for a random start of 0.3 s at stride 0.1."""
+    out = tmp_path_factory.mktemp("train_data")
+    write_dataset(out, 16, seed=3, seconds=1.0, size=(64, 64), progress=False)
+    return out
+
+
+def make_args(command: str, *argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p, command)
+    args = p.parse_args([*argv, "--no-progress"])
+    _check(args)
+    return args
+
+
+def avg(xs):
+    return sum(xs) / len(xs)
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "mae.pt"
+    args = make_args("pretrain", "--data", str(data), "--config", "hiera_tiny_8x64", "--out", str(out),
+                     "--steps", "16", "--batch", "4", "--lr", "2e-3", "--mask-ratio", "0.75", "--seed", "1")
+    return out, train(args)
+
+
+def test_pretrain_lowers_the_mae_loss(pretrained):
+    out, result = pretrained
+    assert result.complete and result.step == 16 and len(result.losses) == 16
+    assert avg(result.losses[-4:]) < 0.9 * avg(result.losses[:4])
+    ck = load_checkpoint(out)
+    assert any(k.startswith("decoder_") for k in ck.model_state)  # an MAE checkpoint
+    assert ck.step == 16 and "train_state" not in ck.extra  # a finished run keeps no optimizer state
+    assert ck.extra["sampling"] == {"frame_stride_s": 0.1}
+    assert ck.extra["train"]["command"] == "pretrain" and ck.extra["train"]["mask_ratio"] == 0.75
+
+
+def test_finetune_lowers_the_loss_and_serves_its_labels(pretrained, data, tmp_path):
+    out = tmp_path / "ft.pt"
+    args = make_args("finetune", "--data", str(data), "--init", str(pretrained[0]), "--out", str(out),
+                     "--steps", "16", "--batch", "4", "--lr", "2e-3", "--label-smoothing", "0", "--model-id", "toy")
+    result = train(args)
+    assert result.complete and len(result.losses) == 16
+    assert result.losses[0] == pytest.approx(np.log(8), abs=0.05)  # a fresh head starts near uniform
+    assert avg(result.losses[-4:]) < 0.9 * avg(result.losses[:4])
+    model = load_model(out, device="cpu")
+    assert model.labels == sorted(ACTIONS)  # ClipDataset's class order, saved in index order
+    assert model.model_id == "toy" and model.sampling == {"frame_stride_s": 0.1}
+    assert model.config.num_classes == 8 and "train_state" not in load_checkpoint(out).extra
+    out_logits = model(torch.zeros(2, 3, *model.config.input_size)).logits
+    assert out_logits.shape == (2, 8)
+
+
+def test_finetune_init_takes_the_mae_encoder(pretrained):
+    mae, meta = _load_init(str(pretrained[0]), None)
+    assert isinstance(mae, HieraMAE) and meta["kind"] == "mae"
+    clf = _classifier(mae.encoder, 8, keep_head=False)
+    enc_state = mae.encoder.state_dict()
+    for k, v in clf.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, enc_state[k]), k
+
+
+def test_clips_to_input_matches_preprocess_clip():
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 256, (3, 8, 16, 16, 3), dtype=np.uint8)
+    cfg = get_config("hiera_tiny_8x64")
+    got = clips_to_input(torch.from_numpy(clips), cfg.mean, cfg.std)
+    want = torch.cat([preprocess_clip(list(c), 16, cfg.mean, cfg.std) for c in clips])
+    assert got.shape == (3, 3, 8, 16, 16) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_resume_continues_exactly(command, pretrained, data, tmp_path):
+    """Stop at step 3 of 6, resume: the next losses and the final weights equal the uninterrupted run's.
+    finetune also unfreezes the encoder after epoch 0 (4 steps of 16 clips / 4), i.e. after the resume."""
+    common = ["--data", str(data), "--steps", "6", "--batch", "4", "--seed", "7"]
+    if command == "pretrain":
+        common += ["--config", "hiera_tiny_8x64", "--mask-ratio", "0.75"]
+    else:
+        common += ["--init", str(pretrained[0]), "--unfreeze-after", "1"]
+    full = train(make_args(command, *common, "--out", str(tmp_path / "full.pt")))
+    part = tmp_path / "part.pt"
+    first = train(make_args(command, *common, "--out", str(part), "--stop-at", "3"))
+    assert first.step == 3 and not first.complete
+    assert load_checkpoint(part).extra["train_state"]["step"] == 3
+    rest = train(make_args(command, *common, "--out", str(part), "--resume"))
+    assert rest.complete and rest.step == 6
+    assert first.losses + rest.losses == full.losses  # bit-identical on CPU
+    a, b = load_checkpoint(tmp_path / "full.pt").model_state, load_checkpoint(part).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = train(make_args(command, *common, "--out", str(part), "--resume"))  # a finished run: nothing to do
+    assert again.complete and again.losses == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_on_gloo_equal_one_process(data, tmp_path):
+    """torchrun, 2 CPU processes x 2 clips per step = 1 process x 4 clips per step: the same clips
+    (each rank takes every 2nd of the epoch's order), the averaged gradient, so the same weights."""
+    common = ["--data", str(data), "--config", "hiera_tiny_8x64", "--steps", "3", "--lr", "2e-3", "--seed", "5",
+              "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "hiera_perception.train", "finetune", *common, "--batch", "2", "--out", str(tmp_path / "ddp.pt")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = load_checkpoint(tmp_path / "ddp.pt")
+    assert ddp.step == 3 and ddp.extra["train"]["world_size"] == 2 and ddp.labels == sorted(ACTIONS)
+    single = train(make_args("finetune", *common[:-1], "--batch", "4", "--out", str(tmp_path / "one.pt")))
+    one = load_checkpoint(tmp_path / "one.pt")
+    assert ddp.extra["train"]["final_loss"] == pytest.approx(single.losses[-1], rel=1e-4)
+    # Adam divides by sqrt(v): where a gradient is ~0, float-rounding differences in the all-reduce can move a
+    # weight by up to lr per step, so the bound is 1e-3 (lr 2e-3, warm-up) there and 1e-5 almost everywhere.
+    for k, v in one.model_state.items():
+        diff = (ddp.model_state[k] - v).abs()
+        assert diff.max() < 1e-3 and (diff > 1e-5).float().mean() < 0.01, (k, diff.max())
+
+
+def test_bad_options_are_named(data, tmp_path):
+    with pytest.raises(ValueError, match="--batch 64 x 1 process"):
+        train(make_args("finetune", "--data", str(data), "--out", str(tmp_path / "x.pt"), "--batch", "64"))
+    with pytest.raises(ValueError, match="not both"):
+        make_args("pretrain", "--data", str(data), "--out", "x", "--config", "hiera_tiny_8x64", "--init", "y")
+    with pytest.raises(ValueError, match="mask-ratio"):
+        make_args("pretrain", "--data", str(data), "--out", "x", "--config", "hiera_tiny_8x64", "--mask-ratio", "1")
