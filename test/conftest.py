@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from typing import Callable, Iterator
 
 import pytest
@@ -56,6 +55,22 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def own_ros_domain() -> Iterator[str]:
+    """A DDS domain for one test module alone, on localhost (request it before any rclpy.init there)."""
+    import random
+
+    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
+    os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(60, 90))
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    yield os.environ["ROS_DOMAIN_ID"]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def ros_context() -> Iterator[object]:
     """An initialised rclpy Context for one test, shut down afterwards (nodes made on it die with it)."""
@@ -73,12 +88,6 @@ def ros_context() -> Iterator[object]:
 def spin_until() -> Callable[..., bool]:
     """`spin_until(executor, predicate, timeout_s=10.0)`: spin until predicate() is true; returns whether it was."""
 
-    def _spin_until(executor: object, predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            if time.monotonic() > deadline:
-                return False
-            executor.spin_once(timeout_sec=0.05)
-        return True
+    from ros_helpers import spin_until
 
-    return _spin_until
+    return spin_until

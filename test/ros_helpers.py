@@ -29,6 +29,34 @@ STRIDE_FRAMES, HOP_FRAMES = 2, 7.5  # frame_stride_s = 2/30, hop_s = 0.25: sampl
 TOP_K = 2
 
 
+def spin_until(executor, done: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Spin `executor` until done() is true; whether it became true within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        executor.spin_once(timeout_sec=0.05)
+    return True
+
+
+def assert_config_error(domain: int, name: str, value, expected: str) -> None:
+    """Building the node with parameter `name` = `value` raises ConfigError whose message contains `expected`."""
+    import pytest
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from hiera_perception.node import ConfigError, PerceptionNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    try:
+        with pytest.raises(ConfigError) as e:
+            PerceptionNode(context=context, parameter_overrides=[Parameter(name, value=value)])
+        assert expected in str(e.value)
+    finally:
+        context.try_shutdown()
+
+
 def domain_id(offset: int) -> int:
     """A DDS domain for one test module: the run's own (conftest.py) shifted by `offset`, in 1..101."""
     base = int(os.environ.get("ROS_DOMAIN_ID", os.getpid() % 101 + 1))

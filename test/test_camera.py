@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import random
 import threading
 import time
 from pathlib import Path
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 
 from hiera_perception.video import iter_frames
+from ros_helpers import spin_until
 
 pytestmark = pytest.mark.ros
 
@@ -21,17 +20,8 @@ W, H, N = 64, 48, 24
 
 
 @pytest.fixture(scope="module", autouse=True)
-def own_domain():
-    """A DDS domain for this module alone, on localhost (set before any rclpy.init here)."""
-    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
-    os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(60, 90))
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def _domain(own_ros_domain):
+    """This module's own DDS domain (conftest.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +44,6 @@ def _collect(node, topic: str, msg_type, out: list) -> object:
 
     reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
     return node.create_subscription(msg_type, topic, out.append, reliable)
-
-
-def _spin(executor, done, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        executor.spin_once(timeout_sec=0.05)
-    return True
 
 
 def _frame_index(msg, decoded: list[np.ndarray]) -> int:
@@ -119,7 +100,7 @@ def test_video_file_frames_arrive_in_order_with_increasing_stamps(video):
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(camera)
         executor.add_node(listener)
-        assert _spin(executor, lambda: len(got) >= N + 12, 30.0), f"only {len(got)} frames in 30 s"
+        assert spin_until(executor, lambda: len(got) >= N + 12, 30.0), f"only {len(got)} frames in 30 s"
     finally:
         context.try_shutdown()
 
@@ -157,7 +138,7 @@ def test_synthetic_camera_publishes_true_action_with_each_frame_stamp():
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(camera)
         executor.add_node(listener)
-        assert _spin(executor, lambda: len(images) >= 15 and len(truths) >= 15, 30.0)
+        assert spin_until(executor, lambda: len(images) >= 15 and len(truths) >= 15, 30.0)
     finally:
         context.try_shutdown()
 
@@ -192,7 +173,7 @@ def test_publish_command_remaps_the_topic_and_ends_with_the_video(video):
     _collect(listener, "/test_cam/image_raw", Image, got)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(listener)
-    thread = threading.Thread(target=lambda: _spin(executor, stop.is_set, 60.0), daemon=True)
+    thread = threading.Thread(target=lambda: spin_until(executor, stop.is_set, 60.0), daemon=True)
     thread.start()
     try:
         assert camera.main(args) == 0  # returns at the end of the (non-looping) file

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import random
 import time
 from pathlib import Path
 
@@ -19,17 +17,8 @@ LEFT = (0.0, 0.0, 0.0, 0.0, 0.0, 0.5)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def own_domain():
-    """A DDS domain for this module alone, on localhost (set before any rclpy.init here)."""
-    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
-    os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(60, 90))
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def _domain(own_ros_domain):
+    """This module's own DDS domain (conftest.py)."""
 
 
 def _decider(**kw):

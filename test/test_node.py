@@ -123,16 +123,4 @@ def test_bad_parameter_exits_with_clear_error():
     ("model", "/nonexistent/model.pt", "parameter model '/nonexistent/model.pt'"),
 ])
 def test_bad_parameter_values_are_named(name, value, expected):
-    import rclpy
-    from rclpy.parameter import Parameter
-
-    from hiera_perception.node import ConfigError, PerceptionNode
-
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=DOMAIN)
-    try:
-        with pytest.raises(ConfigError) as e:
-            PerceptionNode(context=context, parameter_overrides=[Parameter(name, value=value)])
-        assert expected in str(e.value)
-    finally:
-        context.try_shutdown()
+    rh.assert_config_error(DOMAIN, name, value, expected)

@@ -259,19 +259,7 @@ def test_teach_labels_then_recognise_them_and_enable_adaptation_later(tmp_path):
     ("adaptation.lr", 1, "write floats with a decimal point"),
 ])
 def test_bad_adaptation_parameters_are_named(name, value, expected):
-    import rclpy
-    from rclpy.parameter import Parameter
-
-    from hiera_perception.node import ConfigError, PerceptionNode
-
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=DOMAIN)
-    try:
-        with pytest.raises(ConfigError) as e:
-            PerceptionNode(context=context, parameter_overrides=[Parameter(name, value=value)])
-        assert expected in str(e.value)
-    finally:
-        context.try_shutdown()
+    rh.assert_config_error(DOMAIN, name, value, expected)
 
 
 def test_adaptation_enabled_is_not_a_runtime_parameter(tmp_path):

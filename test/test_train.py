@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hiera_perception.checkpoint import load_checkpoint, load_model, save_checkpoint
+from hiera_perception.checkpoint import load_checkpoint, load_model
 from hiera_perception.config import get_config
 from hiera_perception.mae import HieraMAE
 from hiera_perception.preprocess import preprocess_clip
