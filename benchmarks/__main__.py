@@ -9,6 +9,7 @@ BENCHMARKS = {
     "encoder": "encoder forward, ours vs official (latency, throughput)",
     "mae_step": "MAE training step (forward + backward + AdamW), ours vs official",
     "engine": "engine latency, uint8 frames in -> labels out, no ROS, at a live frame rate",
+    "node": "node latency over real ROS 2 (demo pipeline), adaptation off and on",
     "report": "render the README table from benchmarks/results/*.json",
 }
 

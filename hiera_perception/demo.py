@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 __all__ = ["add_arguments", "main", "DemoStats"]
 
@@ -76,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=float, default=180.0, metavar="S",
                    help="give up when no clip arrived after this many seconds (default: 180)")
     p.add_argument("--json", action="store_true", help="one JSON object per clip, and the summary as JSON")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a perception-node parameter (YAML value), e.g. --param adaptation.enabled=true; repeatable")
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -110,6 +113,7 @@ class DemoStats:
             "single_action_correct_share": round(sum(single) / len(single), 4) if single else None,
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 1) if n else None,
             "latency_p95_ms": round(float(np.percentile(lat, 95)), 1) if n else None,
+            "latency_p99_ms": round(float(np.percentile(lat, 99)), 1) if n else None,
             "camera_fps": round(camera_fps, 2) if camera_fps else None,
         }
 
@@ -273,6 +277,15 @@ def main(args: argparse.Namespace) -> int:
     else:
         camera.update(synthetic=True, synthetic_seed=int(args.seed))
     node = {"model": str(args.model), "device": str(args.device), "top_k": int(args.top_k)}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--param takes NAME=VALUE, got {item!r}")
+        *groups, leaf = name.strip().split(".")  # adaptation.enabled -> {adaptation: {enabled: ...}} in the YAML
+        target = node
+        for g in groups:
+            target = target.setdefault(g, {})
+        target[leaf] = yaml.safe_load(value)
 
     stats = DemoStats()
     verbose = bool(getattr(args, "verbose", False))
