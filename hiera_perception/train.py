@@ -325,6 +325,22 @@ def _build(args, command: str) -> tuple[torch.nn.Module, dict, dict | None]:
     return model, meta, None
 
 
+def _prepare(model, enc: Hiera, args, meta: dict, state: dict | None, classes: list[str]):
+    """(model, its encoder, label names): a head for finetune, the parameters each command leaves alone."""
+    if args.command == "finetune":
+        if state is None:
+            model = enc = _classifier(enc, len(classes), keep_head=meta["labels"] == classes)
+        elif meta["labels"] != classes:
+            raise ValueError(f"{args.out} was trained on classes {meta['labels']}, {args.data} has {classes}")
+        return model, enc, classes
+    enc.norm.requires_grad_(False)  # MAE uses its own fused norm; the encoder's norm and head stay as they are
+    if enc.head is not None:
+        enc.head.requires_grad_(False)
+    if args.freeze_encoder:  # align a decoder with a trained encoder (e.g. after fine-tuning)
+        enc.requires_grad_(False)
+    return model, enc, meta["labels"]
+
+
 def train(args: argparse.Namespace) -> TrainResult:
     """Run `args.command` ("pretrain" or "finetune") to completion, `--stop-at`, or from `--resume`."""
     command = args.command
@@ -349,19 +365,8 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
     enc = model.encoder if isinstance(model, HieraMAE) else model
     stride = float(args.frame_stride or meta["sampling"].get("frame_stride_s") or DEFAULT_FRAME_STRIDE_S)
     ds, indices, classes = _dataset(args, enc.config, stride, labelled=command == "finetune")
-    if command == "finetune":
-        if state is None:
-            model = enc = _classifier(enc, len(classes), keep_head=meta["labels"] == classes)
-        elif meta["labels"] != classes:
-            raise ValueError(f"{out} was trained on classes {meta['labels']}, {args.data} has {classes}")
-    labels = classes if command == "finetune" else meta["labels"]
+    model, enc, labels = _prepare(model, enc, args, meta, state, classes)
     model_id = args.model_id or meta["model_id"] or enc.config.name
-    if command == "pretrain":
-        enc.norm.requires_grad_(False)  # MAE uses its own fused norm; the encoder's norm and head stay as they are
-        if enc.head is not None:
-            enc.head.requires_grad_(False)
-        if args.freeze_encoder:  # align a decoder with a trained encoder (e.g. after fine-tuning)
-            enc.requires_grad_(False)
     model.to(procs.device).train()
 
     batches = _EpochBatches(len(indices), args.batch, procs, args.seed)
