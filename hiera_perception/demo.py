@@ -227,7 +227,7 @@ def _make_printer(args: argparse.Namespace, stats: DemoStats):
         labels, scores = list(msg.labels), [float(s) for s in msg.scores]
         actual, within = true_action(start, stamp) if args.synthetic else (None, True)
         correct = bool(labels) and actual is not None and labels[0] == actual
-        if actual is not None and t >= WARMUP_S:
+        if actual is not None and round(t, 2) >= WARMUP_S:  # as printed: a reader can recount the share
             stats.scored.append((correct, within))
         if args.json:
             print(json.dumps({"t": round(t, 3), "true": actual, "single_action": within, "labels": labels,
