@@ -95,7 +95,7 @@ def test_labels_the_model_lacks_are_an_error(folder, tmp_path):
 def test_the_embedded_model_scores_95_percent_on_fresh_clips(tmp_path):
     """The model card's held-out claim at small scale: 48 clips from a seed used by neither training (1) nor
     the card's held-out set (2), rendered as the build renders them (tools/make_embedded_model.py RECIPE)."""
-    write_dataset(tmp_path, 48, seed=4242, seconds=2.0, fps=30, size=(120, 160), progress=False)
+    write_dataset(tmp_path, 48, seed=4242, seconds=2.0, fps=30, size=(128, 128), progress=False)
     report = evaluate(Engine(None, device="cpu", top_k=1), tmp_path, batch=8)
     assert report["labels"] == sorted(ACTIONS) and report["clips"] == 48
     assert report["accuracy"] >= 0.95, format_report(report)
