@@ -44,6 +44,7 @@ class Prototypes:
         self._sums: dict[str, np.ndarray] = {}
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._matrix: torch.Tensor | None = None  # cached unit directions; rebuilt after add/remove only
         if self.path is not None and self.path.is_file():
             self._load()
 
@@ -78,11 +79,13 @@ class Prototypes:
         with self._lock:
             self._sums[label] = self._sums.get(label, np.zeros(self.dim)) + unit.sum(axis=0)
             self._counts[label] = self._counts.get(label, 0) + len(emb)
+            self._matrix = None
             return self._counts[label]
 
     def remove(self, label: str) -> bool:
         with self._lock:
             self._counts.pop(label, None)
+            self._matrix = None
             return self._sums.pop(label, None) is not None
 
     @property
@@ -90,12 +93,15 @@ class Prototypes:
         return list(self._sums)
 
     def matrix(self) -> torch.Tensor:
-        """[K_taught, C] unit prototype directions."""
+        """[K_taught, C] unit prototype directions (cached: the labeler asks for them on every clip)."""
         with self._lock:
-            if not self._sums:
-                return torch.zeros(0, self.dim)
-            m = np.stack([self._sums[n] for n in self._sums])
-        return torch.from_numpy(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).float()
+            if self._matrix is None:
+                if not self._sums:
+                    self._matrix = torch.zeros(0, self.dim)
+                else:
+                    m = np.stack([self._sums[n] for n in self._sums])
+                    self._matrix = torch.from_numpy(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).float()
+            return self._matrix
 
 
 class Labeler:
