@@ -235,25 +235,23 @@ class Adapter:
         self.replay.add(np.stack(frames) if isinstance(frames, (list, tuple)) else frames)
 
     # ---- the guard ----
-    def _probe_scores_when_idle(self, wait: bool) -> tuple[float, float]:
-        """The probe costs several training steps' compute: it waits for a slot like a step, and counts."""
-        if wait and not self._wait_for_slot():
-            raise InterruptedError("adapter stopping")
-        s0 = time.monotonic()
-        scores = self._probe_scores()
-        self._spent_s += time.monotonic() - s0
-        return scores
-
     @torch.no_grad()
-    def _probe_scores(self) -> tuple[float, float]:
-        """(MAE loss with fixed masks, mean embedding cosine to the original model) on the probe set."""
+    def _probe_scores(self, wait: bool = False) -> tuple[float, float]:
+        """(MAE loss with fixed masks, mean embedding cosine to the original model) on the probe set, one clip
+        at a time: with `wait`, inference can take the device between two clips."""
         self.mae.eval()
-        loss = self.mae.forward_keep(self._probe, self._probe_keep).loss.item()
-        emb = self.mae.encoder.forward_features(self._probe)
-        ref = self.base.forward_features(self._probe)
-        cos = F.cosine_similarity(emb.float(), ref.float(), dim=-1).mean().item()
+        losses, cos = [], []
+        for i in range(len(self._probe)):
+            if wait and not self._wait_for_slot():
+                raise InterruptedError("adapter stopping")
+            s0 = time.monotonic()
+            x = self._probe[i : i + 1]
+            losses.append(self.mae.forward_keep(x, self._probe_keep[i : i + 1]).loss.item())
+            emb, ref = self.mae.encoder.forward_features(x), self.base.forward_features(x)
+            cos.append(F.cosine_similarity(emb.float(), ref.float(), dim=-1).item())
+            self._spent_s += time.monotonic() - s0
         self.mae.train()
-        return loss, cos
+        return float(np.mean(losses)), float(np.mean(cos))
 
     def _finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.mae.parameters())
@@ -284,28 +282,35 @@ class Adapter:
             res = RoundResult(False, "", self.version)
             new_version = self.version
             try:
-                res.probe_loss_before, _ = self._probe_scores_when_idle(wait)
+                res.probe_loss_before, _ = self._probe_scores(wait)
                 losses = []
                 self.mae.train()
                 for _ in range(cfg.steps_per_round):
-                    if wait and not self._wait_for_slot():
-                        raise InterruptedError("adapter stopping")
-                    s0 = time.monotonic()
-                    x = self._batch(self.replay.sample(cfg.batch_size, self._rng))
-                    loss = self.mae(x, cfg.mask_ratio).loss
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite MAE loss {loss.item()}")
+                    # A step is batch_size clips of gradient, accumulated one clip at a time: the longest
+                    # stretch inference may have to wait for is one clip's forward + backward, not a batch's.
+                    clips = self.replay.sample(cfg.batch_size, self._rng)
                     self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    step_loss = 0.0
+                    for clip in clips:
+                        if wait and not self._wait_for_slot():
+                            raise InterruptedError("adapter stopping")
+                        s0 = time.monotonic()
+                        loss = self.mae(self._batch([clip]), cfg.mask_ratio).loss
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"non-finite MAE loss {loss.item()}")
+                        (loss / len(clips)).backward()  # equal masked-patch counts: the batch mean
+                        step_loss += loss.item() / len(clips)
+                        self._spent_s += time.monotonic() - s0
+                    s0 = time.monotonic()
                     torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip)
                     self.opt.step()
-                    losses.append(loss.item())
-                    res.steps += 1
                     self._spent_s += time.monotonic() - s0
+                    losses.append(step_loss)
+                    res.steps += 1
                 res.train_loss = float(np.mean(losses))
                 if not self._finite():
                     raise FloatingPointError("non-finite weights after the round")
-                res.probe_loss_after, res.probe_cosine = self._probe_scores_when_idle(wait)
+                res.probe_loss_after, res.probe_cosine = self._probe_scores(wait)
                 if not (np.isfinite(res.probe_loss_after) and np.isfinite(res.probe_cosine)):
                     raise FloatingPointError("non-finite probe scores")
                 if self.decoder_warmup:

@@ -228,14 +228,15 @@ def test_guard_rejects_and_the_shadow_returns(tmp_path, changes, reason):
 
 
 def _fault_after_one_step(adapter: Adapter, fault: str) -> list[int]:
-    """Patch the shadow MAE's forward: the first call is real, later ones fail as `fault` says."""
+    """Patch the shadow MAE's forward: the first step's calls are real (a step accumulates one clip per
+    call), later ones fail as `fault` says."""
     real = adapter.mae.forward
     calls = [0]
 
     def forward(x, mask_ratio=0.9, generator=None):
         calls[0] += 1
         out = real(x, mask_ratio, generator)
-        if calls[0] == 1:
+        if calls[0] <= adapter.config.batch_size:
             return out
         if fault == "nan":
             return dataclasses.replace(out, loss=out.loss * float("nan"))
@@ -264,7 +265,7 @@ def test_fault_in_a_round_keeps_deployed_weights_and_checkpoint(tmp_path, fault,
 
     calls = _fault_after_one_step(adapter, fault)
     res = adapter.run_round(wait=False)  # never raises
-    assert calls[0] == 2 and res.steps == 1  # one real step moved the shadow, then the fault
+    assert calls[0] == adapter.config.batch_size + 1 and res.steps == 1  # one real step moved the shadow, then the fault
     assert not res.accepted and res.reason.startswith(reason)
     assert adapter.version == 1 and adapter.rejected == 1 and len(on_accept.calls) == 1
     assert states_equal(adapter.encoder_state(), deployed)
