@@ -5,10 +5,15 @@ textured, random colours and size) over a randomised background (gradient, noise
 with random speed, phase, position and start offset, camera shake, lighting, flicker and sensor noise.
 One frame never tells the class: every action draws the same scene parameters (actor, background,
 lighting, a size drawn from the same range approach/recede sweep) and differs only in how the actor
-moves — wave oscillates around a point, a swipe is one directed pass (wrapping at the frame edge), approach
-and recede sweep the scale in opposite directions (fading out and in again at each restart, drifting
-with perspective), the circles differ only in their sense of rotation, and idle jitters without going
-anywhere (every action jitters too, idle only more).
+moves — wave oscillates around a point, a swipe is one slow directed pass across the view, approach and
+recede sweep the scale in opposite directions (drifting with perspective), the circles differ only in
+their sense of rotation, and idle jitters without going anywhere (every action jitters too, idle only more).
+
+Swipes and approach/recede are periodic passes (a swipe re-enters at the far edge, a looming actor fades
+out and restarts). A restart inside a clip shows the opposite motion for a moment, so a scene shown for
+a known `duration` (a clip, a camera segment) is phased to fit inside one pass, and a pass lasts longer
+than a clip: a clip shows one direction only. Backgrounds are walls of moderate contrast; the busy
+`background` shift (checkerboard and actor-like clutter) is what the clean world never shows.
 
 Everything is a pure function of time given a clip's parameters, so a clip (`render_clip`) and the endless
 camera (`SyntheticCamera`) share one renderer. A clip's parameters come from the generator it is given;
@@ -42,6 +47,7 @@ SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "hand", "stick")
 _BACKGROUNDS = ("gradient", "noise", "rects", "stripes")  # seen in clean data
 _SHIFT_BACKGROUND = "clutter"  # only under shift="background"
 _TEXTURES = ("gradient", "noise", "stripes", "checker", "spots")
+_FADE = 0.06  # share of a looming pass spent fading out (and in again) around its restart
 
 
 # ---------------------------------------------------------------------------------------------- drawing
@@ -105,6 +111,9 @@ def _background(rng: np.random.Generator, h: int, w: int, family: str) -> np.nda
                 cv2.fillPoly(img, [pts], color, cv2.LINE_AA)
     else:
         raise ValueError(f"unknown background family {family!r}; valid: {_BACKGROUNDS + (_SHIFT_BACKGROUND,)}")
+    if family != _SHIFT_BACKGROUND:  # a wall, not a poster: lower contrast about a colour pulled towards grey
+        mean = img.reshape(-1, 3).mean(0)
+        img = 0.5 * (mean + 115.0) + rng.uniform(0.1, 0.25) * (img - mean)
     img += 3.0 * rng.standard_normal((h, w, 1), dtype=np.float32)  # paper/wall grain
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -217,11 +226,11 @@ def _shift_params(shift: str, rng: np.random.Generator, side: int) -> dict:
         p["gradient"] = rng.uniform(0.3, 0.5)
     elif shift == "blur":
         if rng.random() < 0.5:
-            sigma = rng.uniform(0.03, 0.05) * side
+            sigma = rng.uniform(0.04, 0.06) * side
             g = cv2.getGaussianKernel(2 * int(math.ceil(2.5 * sigma)) + 1, sigma).astype(np.float32)
             p["kernel"] = (g, g)  # separable: two 1-D passes
         else:  # motion blur: a line kernel at a random angle
-            length = max(3, int(rng.uniform(0.1, 0.16) * side))
+            length = max(3, int(rng.uniform(0.12, 0.18) * side))
             size = length | 1
             ker = np.zeros((size, size), np.float32)
             a = rng.uniform(0, np.pi)
@@ -248,7 +257,10 @@ def _shift_params(shift: str, rng: np.random.Generator, side: int) -> dict:
 class _Scene:
     """One actor doing one action in one scene; `render(times)` gives its frames at those times (seconds)."""
 
-    def __init__(self, action: str, rng: np.random.Generator, size: tuple[int, int], shift: str = "none"):
+    def __init__(self, action: str, rng: np.random.Generator, size: tuple[int, int], shift: str = "none",
+                 duration: float | None = None):
+        """`duration`: seconds the scene is shown from t = 0; passes are phased so none restarts inside it
+        (where a pass is long enough). None: a random point of the endless motion."""
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}; valid: {ACTIONS}")
         if shift not in SHIFTS:
@@ -269,8 +281,8 @@ class _Scene:
 
         # Motion: the same draws for every action, so the action changes only how the actor moves.
         ox, oy = (w - side) / 2, (h - side) / 2  # the centred square that crop_resize keeps
-        self.log_range = r.uniform(math.log(3.5), math.log(5.5))  # approach/recede scale sweep
-        self.diam = side * math.exp(r.uniform(math.log(0.18), math.log(0.26)))  # x exp(+-log_range / 2)
+        self.log_range = r.uniform(math.log(3.5), math.log(5.0))  # approach/recede scale sweep
+        self.diam = side * math.exp(r.uniform(math.log(0.2), math.log(0.28)))  # x exp(+-log_range / 2)
         self.static_log_scale = r.uniform(-self.log_range / 2, self.log_range / 2)
         self.cx, self.cy = ox + r.uniform(0.3, 0.7) * side, oy + r.uniform(0.3, 0.7) * side
         self.phase = r.uniform(0, 1)
@@ -278,17 +290,23 @@ class _Scene:
         # wave: amplitude px, Hz, tilt, hand wobble degrees | swipe: seconds per pass, tilt
         # circle: radius px, revolutions/s, aspect, rotation of the ellipse
         self.wave = (r.uniform(0.1, 0.2) * side, r.uniform(1.0, 2.2), np.radians(r.uniform(-15, 15)), r.uniform(0, 20))
-        self.swipe = (r.uniform(0.7, 1.6), math.radians(r.uniform(-10, 10)))
+        self.swipe = (r.uniform(2.2, 3.2), math.radians(r.uniform(-10, 10)))  # longer than a 2 s clip
         self.circle = (r.uniform(0.12, 0.25) * side, r.uniform(0.5, 1.2), r.uniform(0.7, 1.0), r.uniform(0, np.pi))
-        # 2x to 5x scale change per second: slower is a radius change of a pixel or two at a model's 64 px
-        self.loom_period = r.uniform(1.0, 1.8)
+        # a 3.5x to 5x sweep in 2.6 to 3.4 s: room for a 2 s clip between two fades
+        self.loom_period = r.uniform(2.6, 3.4)
         jitter_px = r.uniform(0.5, 2.0) * side / 128
         idle_px = r.uniform(2.0, 4.5) * side / 128
         self.jitter_px = idle_px if action == "idle" else jitter_px
         self.jitter = (r.uniform(0.3, 2.5, (4, 3)), r.uniform(0, 2 * np.pi, (4, 3)))  # x, y, angle, scale
         self.shake = (r.uniform(0, self.margin), r.uniform(2, 8, (2, 2)), r.uniform(0, 2 * np.pi, (2, 2)))
         self.t0 = r.uniform(0, 20)  # start offset into the motion
-
+        fit = r.uniform(0, 1)  # where in a pass a scene of known duration starts
+        if duration is not None:
+            self.t0 = 0.0
+            if action.startswith("swipe"):  # any start that leaves the pass before the wrap
+                self.phase = fit * max(0.0, 1.0 - duration / self.swipe[0])
+            elif action in ("approach", "recede"):  # the same, clear of the fades at both ends
+                self.phase = _FADE + fit * max(0.0, 1.0 - 2 * _FADE - duration / self.loom_period)
         shape = str(r.choice(SHAPES))
         max_diam = self.diam * math.exp(self.log_range / 2 + 0.05)
         px = int(np.clip(math.ceil(max_diam / 0.9), 16, 192))
@@ -329,9 +347,10 @@ class _Scene:
         elif a in ("swipe_left", "swipe_right"):
             pass_s, tilt = self.swipe
             d = self.diam * math.exp(self.static_log_scale)
-            span = self.w + d  # wraps just outside the frame, so every window shows one direction only
+            side, ox = min(self.w, self.h), (self.w - min(self.w, self.h)) / 2
+            span = side + d  # across the centred square a centre crop keeps, wrapping just outside it
             travel = np.mod(t / pass_s + self.phase, 1.0) * span
-            xs = -d / 2 + travel if a == "swipe_right" else self.w + d / 2 - travel
+            xs = ox - d / 2 + travel if a == "swipe_right" else ox + side + d / 2 - travel
             x = x - self.cx + xs
             y = y + (xs - self.w / 2) * math.tan(tilt)
         elif a in ("circle_cw", "circle_ccw"):
@@ -346,7 +365,7 @@ class _Scene:
             # would put one big step against the many small ones, and over a whole period they cancel out.
             u = np.mod(t / self.loom_period + self.phase, 1.0)
             sweep = self.log_range * (u - 0.5)
-            opacity = np.clip(np.minimum(u, 1.0 - u) / 0.12, 0.0, 1.0)
+            opacity = np.clip(np.minimum(u, 1.0 - u) / _FADE, 0.0, 1.0)
             sweep = sweep if a == "approach" else -sweep
             ls = ls - self.static_log_scale + sweep
             # Perspective, softened to stay in frame: an off-centre object drifts outwards as it comes closer.
@@ -414,7 +433,7 @@ def render_clip(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    scene = _Scene(action, rng, size, shift)
+    scene = _Scene(action, rng, size, shift, duration=num_frames / fps)
     return scene.render(np.arange(num_frames) / fps)
 
 
@@ -472,7 +491,8 @@ class SyntheticCamera:
         while self.frame_index >= self._segment_end:
             self._next_segment()
         if self._scene is None:
-            self._scene = _Scene(self.action, self._scene_rng, self.size, self.shift)
+            duration = (self._segment_end - self._segment_start) / self.fps
+            self._scene = _Scene(self.action, self._scene_rng, self.size, self.shift, duration)
         t = (self.frame_index - self._segment_start) / self.fps
         frame = self._scene.render(np.array([t]))[0]
         self.frame_index += 1

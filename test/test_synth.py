@@ -60,7 +60,8 @@ def test_shifts_are_strong(seed):
     clean = clip("none")
     assert abs(clip("lighting").mean() - clean.mean()) > 25 or abs(clip("lighting").std() - clean.std()) > 15
     assert (clip("noise") - clean).std() > 20
-    assert _sharpness(clip("blur").astype(np.uint8)) < 0.5 * _sharpness(clean.astype(np.uint8))
+    # (sensor noise comes after the optics and keeps some Laplacian energy: not below 0.5 for every seed)
+    assert _sharpness(clip("blur").astype(np.uint8)) < 0.7 * _sharpness(clean.astype(np.uint8))
     cast = clip("color_cast").mean((0, 1, 2)) / np.maximum(clean.mean((0, 1, 2)), 1)
     assert cast.max() / cast.min() > 1.4
     assert np.abs(clip("background") - clean).mean() > 20
@@ -119,6 +120,19 @@ def test_trajectories_carry_the_class():
         assert np.ptp(x) < 5 and np.ptp(y) < 5 and np.ptp(ls) < 0.1  # jitters (64 px frame), goes nowhere
 
 
+@pytest.mark.parametrize("duration", [0.7, 2.0])
+def test_a_clip_shows_one_direction_only(duration):
+    # A scene of known duration fits inside one pass: no wrap, no restart, no fade, whatever the seed.
+    t = np.arange(round(duration * 30)) / 30
+    for s in range(40):
+        sl, sr, ap, rc = (_Scene(a, rng(9, s), (64, 80), duration=duration).pose(t)
+                          for a in ("swipe_left", "swipe_right", "approach", "recede"))
+        assert np.all(np.diff(sl[0]) < 1.5) and np.mean(np.diff(sl[0]) < 0) > 0.8  # jitter aside, leftwards
+        assert np.all(np.diff(sr[0]) > -1.5) and np.mean(np.diff(sr[0]) > 0) > 0.8
+        assert np.all(np.diff(ap[2]) > 0) and np.all(np.diff(rc[2]) < 0)
+        assert np.all(ap[4] == 1.0) and np.all(rc[4] == 1.0)
+
+
 def test_one_frame_does_not_tell_the_class():
     # Single-frame statistics match: scale for approach/recede (and a still actor), position for the swipes.
     seeds = range(40)
@@ -126,7 +140,8 @@ def test_one_frame_does_not_tell_the_class():
     assert abs(app.mean() - rec.mean()) < 0.02 and abs(app.std() - rec.std()) < 0.02
     # A still actor draws its one size per clip from the sweep's range: equal up to sampling noise of 40 clips.
     assert abs(app.mean() - still.mean()) < 0.25 * app.std() and abs(still.std() / app.std() - 1) < 0.15
-    left, right = (np.concatenate([p[0] for p in _poses(a, seeds)]) / 64 for a in ("swipe_left", "swipe_right"))
+    # slow passes: a 2 s window samples few places of one, so more clips to average the positions
+    left, right = (np.concatenate([p[0] for p in _poses(a, range(160))]) / 64 for a in ("swipe_left", "swipe_right"))
     assert abs(left.mean() - right.mean()) < 0.03 and abs(left.std() - right.std()) < 0.03
 
 
