@@ -5,16 +5,24 @@ ClipBuffer and Engine the node uses; each clip's latency runs from the moment it
 pushed to the moment its result exists. With `--realtime` the loop paces itself to the frame rate
 (what a robot sees); without, frames come as fast as the engine allows and clips queue.
 
+Memory rides along: resident set size sampled every second of the run (peak, start, end, and the
+growth rate fitted over the run's second half, where warm-up allocations are over), and on CUDA the
+peak allocated GPU memory. `--minutes` makes it a long run that shows a leak as a positive slope.
+
     python -m benchmarks engine --model hiera_tiny_synthetic.pt --seconds 20
     python -m benchmarks engine --model hiera_base_16x224 --device cuda --precision bf16
+    python -m benchmarks engine --minutes 10 --name engine_cpu_fp32_10min   # memory growth over a long run
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import time
 
 import numpy as np
+import torch
 
 from benchmarks.common import percentiles, write_result
 from hiera_perception.clip_buffer import ClipBuffer
@@ -28,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=30.0)
     p.add_argument("--hop", type=float, default=0.25, help="seconds between clips")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the simulated stream")
+    p.add_argument("--minutes", type=float, default=None, help="length in minutes instead (a long memory run)")
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--no-realtime", dest="realtime", action="store_false")
@@ -35,17 +44,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None)
 
 
+def rss_mb() -> float:
+    """Resident set size now (MB), from /proc (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_summary(samples: list[tuple[float, float]]) -> dict:
+    """(seconds, RSS MB) samples -> start/end/peak and MB per minute fitted over the second half."""
+    t = np.array([s[0] for s in samples])
+    mb = np.array([s[1] for s in samples])
+    half = t >= t[-1] / 2
+    slope = float(np.polyfit(t[half], mb[half], 1)[0]) * 60 if half.sum() >= 3 else None
+    return {"rss_start_mb": float(mb[0]), "rss_end_mb": float(mb[-1]), "rss_max_sampled_mb": float(mb.max()),
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "rss_growth_mb_per_min": slope, "samples": len(samples)}
+
+
 def run(args) -> dict:
+    if args.minutes is not None:
+        args.seconds = 60.0 * args.minutes
     engine = Engine(args.model, device=args.device, precision=args.precision)
     buf = ClipBuffer(engine.num_frames, engine.frame_stride_s, args.hop, max_gap_s=1.0, frame_size=engine.size)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8) for _ in range(8)]
     for _ in range(3):  # warm-up: first calls allocate and pick kernels
         engine.infer([[frames[0]] * engine.num_frames])
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
     lat_ms, infer_ms, late = [], [], 0
     n = int(args.seconds * args.fps)
     t_start = time.perf_counter()
+    mem = [(0.0, rss_mb())]
     for i in range(n):
+        if i % max(1, round(args.fps)) == 0 and i:
+            mem.append((time.perf_counter() - t_start, rss_mb()))
         due = t_start + i / args.fps
         if args.realtime:
             wait = due - time.perf_counter()
@@ -65,11 +98,17 @@ def run(args) -> dict:
            "precision": args.precision, "fps_in": args.fps, "hop_s": args.hop, "frames": n, "clips": len(lat_ms),
            "frame_size": [args.height, args.width], "realtime": args.realtime, "frames_late": late,
            "clips_per_s": len(lat_ms) / wall, "wall_s": wall,
-           "latency": percentiles(lat_ms), "infer": percentiles(infer_ms)}
+           "latency": percentiles(lat_ms), "infer": percentiles(infer_ms), "memory": memory_summary(mem)}
+    if engine.device.type == "cuda":
+        res["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
+    m = res["memory"]
+    growth = "-" if m["rss_growth_mb_per_min"] is None else f"{m['rss_growth_mb_per_min']:+.2f}"
     res["title"] = "Engine latency (uint8 frames in, labels out, no ROS)"
-    res["table"] = {"columns": ["model", "device", "precision", "fps in", "clips", "p50 ms", "p95 ms", "p99 ms", "late frames"],
+    res["table"] = {"columns": ["model", "device", "precision", "fps in", "clips", "p50 ms", "p95 ms", "p99 ms", "late frames",
+                                "minutes", "peak RSS MB", "RSS growth MB/min"],
                     "rows": [[res["config"], args.device, args.precision, args.fps, res["clips"],
-                              *(f"{res['latency'][k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")), late]]}
+                              *(f"{res['latency'][k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")), late,
+                              f"{wall / 60:.1f}", f"{m['rss_peak_mb']:.0f}", growth]]}
     print(f"{res['config']} {args.device} {args.precision}: {res['clips']} clips, latency p50 "
           f"{res['latency']['p50_ms']:.1f} ms, p95 {res['latency']['p95_ms']:.1f} ms, late frames {late}")
     return res
