@@ -10,6 +10,7 @@ BENCHMARKS = {
     "mae_step": "MAE training step (forward + backward + AdamW), ours vs official",
     "engine": "engine latency, uint8 frames in -> labels out, no ROS, at a live frame rate",
     "node": "node latency over real ROS 2 (demo pipeline), adaptation off and on",
+    "adaptation": "accuracy under each synthetic shift before and after MAE adaptation, clean accuracy, drift",
     "report": "render the README table from benchmarks/results/*.json",
 }
 

@@ -55,7 +55,7 @@ def memory_summary(samples: list[tuple[float, float]]) -> dict:
     t = np.array([s[0] for s in samples])
     mb = np.array([s[1] for s in samples])
     half = t >= t[-1] / 2
-    slope = float(np.polyfit(t[half], mb[half], 1)[0]) * 60 if half.sum() >= 3 else None
+    slope = float(np.polyfit(t[half], mb[half], 1)[0]) * 60 if half.sum() >= 2 else None
     return {"rss_start_mb": float(mb[0]), "rss_end_mb": float(mb[-1]), "rss_max_sampled_mb": float(mb.max()),
             "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "rss_growth_mb_per_min": slope, "samples": len(samples)}
@@ -94,6 +94,7 @@ def run(args) -> dict:
             infer_ms.append((t1 - t0) * 1e3)
             lat_ms.append((t1 - t_push) * 1e3)
     wall = time.perf_counter() - t_start
+    mem.append((wall, rss_mb()))
     res = {"model": engine.encoder_version, "config": engine.model.config.name, "device": args.device,
            "precision": args.precision, "fps_in": args.fps, "hop_s": args.hop, "frames": n, "clips": len(lat_ms),
            "frame_size": [args.height, args.width], "realtime": args.realtime, "frames_late": late,

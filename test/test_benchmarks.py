@@ -9,11 +9,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_engine_benchmark_writes_latency_and_memory(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks", "engine", "--model", "hiera_tiny_8x64", "--seconds", "3",
+    cmd = [sys.executable, "-m", "benchmarks", "engine", "--model", "hiera_tiny_8x64", "--seconds", "4",
            "--width", "160", "--height", "120", "--out", str(tmp_path), "--name", "engine_test"]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=300, capture_output=True)
     res = json.loads((tmp_path / "engine_test.json").read_text())
-    assert res["frames"] == 90 and res["clips"] > 0 and res["machine"]["cores"] >= 1
+    assert res["frames"] == 120 and res["clips"] > 0 and res["machine"]["cores"] >= 1
     lat = res["latency"]
     assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"]
     mem = res["memory"]
@@ -21,3 +21,36 @@ def test_engine_benchmark_writes_latency_and_memory(tmp_path):
     assert mem["rss_max_sampled_mb"] <= mem["rss_peak_mb"] + 1  # the kernel's high-water mark bounds the samples
     assert isinstance(mem["rss_growth_mb_per_min"], float)
     assert len(res["table"]["rows"][0]) == len(res["table"]["columns"])
+
+
+def test_adaptation_benchmark_bookkeeping(tmp_path):
+    # A head that always says "wave" (zero weights, largest bias): every balanced set scores exactly 1/8 before
+    # and after adaptation (which moves the encoder, not the head), so nothing was lost and nothing recovered.
+    import torch
+
+    from hiera_perception.checkpoint import save_checkpoint
+    from hiera_perception.config import get_config
+    from hiera_perception.model import Hiera
+    from hiera_perception.synth import ACTIONS
+
+    torch.manual_seed(0)
+    model = Hiera(get_config("hiera_tiny_8x64", num_classes=len(ACTIONS)))
+    with torch.no_grad():
+        model.head.projection.weight.zero_()
+        model.head.projection.bias.copy_(torch.linspace(1.0, 0.0, len(ACTIONS)))
+    path = tmp_path / "wave.pt"
+    save_checkpoint(path, model, labels=list(ACTIONS), model_id="always_wave", extra={"sampling": {"frame_stride_s": 0.1}})
+    cmd = [sys.executable, "-m", "benchmarks", "adaptation", "--model", str(path), "--shifts", "blur", "noise",
+           "--test-clips", "8", "--adapt-clips", "20", "--rounds", "2", "--work", str(tmp_path / "work"),
+           "--out", str(tmp_path), "--name", "adaptation_test"]
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=600, capture_output=True)
+    res = json.loads((tmp_path / "adaptation_test.json").read_text())
+    assert [r["shift"] for r in res["rows"]] == ["blur", "noise"]
+    for r in res["rows"]:
+        assert r["clean"] == r["before"] == r["after"] == r["clean_after"] == 1 / 8
+        assert r["recovered"] is None and r["clean_drop_points"] == 0
+        assert -1.0 <= r["drift_cosine"] <= 1.0 + 1e-6 and r["accepted"] + r["rejected"] <= 2
+    # adapt and test sets never share a clip: different seeds, and the adapt sets carry no labels
+    work = tmp_path / "work"
+    assert "wave" not in (work / "adapt_blur" / "labels.csv").read_text()
+    assert len(res["table"]["rows"]) == 3 and res["mean"]["recovered"] is None

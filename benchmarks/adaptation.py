@@ -1,0 +1,131 @@
+"""Shift benchmark: how much of the accuracy a distribution shift takes away does MAE adaptation win back?
+
+For every shift `synth --shift` renders (SHIFTS minus "none"): the model is scored on labelled shifted
+clips (before), adapted with `adapt` on *other* unlabeled shifted clips (a different seed: adapt and
+test never share a clip), and scored again on the shifted clips (after) and on clean clips (does it
+forget?). Drift is the mean cosine between the adapted and the original model's embeddings of the clean
+clips. Recovered = (after - before) / (clean - before): the share of the shift's loss won back.
+
+    python -m benchmarks adaptation                       # the embedded model, every shift
+    python -m benchmarks adaptation --shifts blur noise --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_result
+from hiera_perception.adapt import adapt_offline
+from hiera_perception.adaptation import AdaptationConfig
+from hiera_perception.dataset import ClipDataset
+from hiera_perception.engine import Engine
+from hiera_perception.evaluate import evaluate
+from hiera_perception.synth import SHIFTS, write_dataset
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model source (default: the embedded model)")
+    p.add_argument("--shifts", nargs="+", default=[s for s in SHIFTS if s != "none"], choices=SHIFTS[1:])
+    p.add_argument("--test-clips", type=int, default=200, help="labelled clips per test set (default 200)")
+    p.add_argument("--adapt-clips", type=int, default=200, help="unlabeled clips to adapt on (default 200)")
+    p.add_argument("--rounds", type=int, default=20, help="adaptation rounds per shift (default 20)")
+    p.add_argument("--lr", type=float, default=AdaptationConfig.lr)
+    p.add_argument("--trainable", default=AdaptationConfig.trainable, choices=("all", "norms", "late"))
+    p.add_argument("--seed", type=int, default=7, help="test clips use this seed, adapt clips seed + 1")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", default=None, help="folder for data and adapted models (default: a temporary one)")
+    p.add_argument("--name", default="adaptation_cpu", help="results file name")
+    p.add_argument("--out", default=None)
+
+
+def embeddings(engine: Engine, folder: Path, batch: int = 16) -> np.ndarray:
+    ds = ClipDataset(folder, engine.num_frames, engine.frame_stride_s, engine.size)
+    out = []
+    for start in range(0, len(ds), batch):
+        clips = [list(ds[i][0].numpy()) for i in range(start, min(len(ds), start + batch))]
+        out += [r.embedding for r in engine.infer(clips)]
+    return np.stack(out)
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.mean(np.sum(a * b, axis=1)))
+
+
+def run(args, work: Path) -> dict:
+    base = Engine(args.model, device=args.device)
+    size = str(max(128, 2 * base.size))  # rendered larger than the model's input, as the camera's frames are
+
+    def data(name: str, shift: str, clips: int, seed: int, unlabeled: bool = False) -> Path:
+        folder = work / name
+        if not (folder / "labels.csv").exists():
+            write_dataset(folder, clips, seed, shift=shift, size=(int(size), int(size)), unlabeled=unlabeled,
+                          progress=False)
+        return folder
+
+    def acc(engine: Engine, folder: Path) -> float:
+        return evaluate(engine, folder, batch=16)["accuracy"]
+
+    clean = data("clean", "none", args.test_clips, args.seed)
+    base_clean = acc(base, clean)
+    base_emb = embeddings(base, clean)
+    print(f"{base.encoder_version}: clean accuracy {base_clean:.3f}", flush=True)
+    rows = []
+    for shift in args.shifts:
+        t0 = time.monotonic()
+        test = data(f"test_{shift}", shift, args.test_clips, args.seed)
+        pool = data(f"adapt_{shift}", shift, args.adapt_clips, args.seed + 1, unlabeled=True)
+        before = acc(base, test)
+        config = AdaptationConfig(lr=args.lr, trainable=args.trainable)
+        summary = adapt_offline(args.model, work / f"adapted_{shift}.pt", data=str(pool), config=config,
+                                rounds=args.rounds, device=args.device, progress=False)
+        adapted = Engine(str(summary.out), device=args.device)
+        after, clean_after = acc(adapted, test), acc(adapted, clean)
+        lost = base_clean - before
+        row = {"shift": shift, "clean": base_clean, "before": before, "after": after,
+               "recovered": (after - before) / lost if lost > 0 else None, "clean_after": clean_after,
+               "clean_drop_points": 100 * (base_clean - clean_after),
+               "drift_cosine": mean_cosine(embeddings(adapted, clean), base_emb),
+               "version": summary.version, "accepted": summary.accepted, "rejected": summary.rejected,
+               "reasons": dict(summary.reasons), "seconds": time.monotonic() - t0}
+        rows.append(row)
+        rec = "-" if row["recovered"] is None else f"{100 * row['recovered']:.0f}%"
+        print(f"{shift}: {before:.3f} -> {after:.3f} (recovered {rec}), clean {base_clean:.3f} -> {clean_after:.3f}, "
+              f"drift cosine {row['drift_cosine']:.4f}, {summary.accepted}/{summary.rounds} rounds accepted",
+              flush=True)
+    rec = [r["recovered"] for r in rows if r["recovered"] is not None]
+    mean = {"recovered": float(np.mean(rec)) if rec else None,
+            "clean_drop_points": float(np.mean([r["clean_drop_points"] for r in rows])),
+            "before": float(np.mean([r["before"] for r in rows])), "after": float(np.mean([r["after"] for r in rows]))}
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    table_rows = [[r["shift"], pct(r["clean"]), pct(r["before"]), pct(r["after"]),
+                   "-" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%", pct(r["clean_after"]),
+                   f"{r['drift_cosine']:.4f}", f"{r['accepted']}/{r['accepted'] + r['rejected']}"] for r in rows]
+    table_rows.append(["**mean**", pct(base_clean), pct(mean["before"]), pct(mean["after"]),
+                       "-" if mean["recovered"] is None else f"**{100 * mean['recovered']:.0f}%**",
+                       f"{-mean['clean_drop_points']:+.1f} pts", "", ""])
+    return {"model": base.encoder_version, "device": args.device, "rounds": args.rounds, "lr": args.lr,
+            "trainable": args.trainable, "test_clips": args.test_clips, "adapt_clips": args.adapt_clips,
+            "seed": args.seed, "rows": rows, "mean": mean,
+            "title": f"Adaptation under shift (accuracy %, {args.test_clips} test clips per set, adapted on "
+                     f"{args.adapt_clips} other unlabeled clips, {args.rounds} rounds)",
+            "table": {"columns": ["shift", "clean", "shifted before", "shifted after", "recovered", "clean after",
+                                  "drift cosine", "accepted rounds"], "rows": table_rows}}
+
+
+def main(args) -> None:
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        write_result(args.name, run(args, Path(args.work)), args.out)
+        return
+    with tempfile.TemporaryDirectory(prefix="hiera_adaptation_bench_") as d:
+        write_result(args.name, run(args, Path(d)), args.out)
