@@ -45,8 +45,10 @@ RECIPE = {
     # square frames: the centre crop keeps all of it, so a swipe is in view for its whole pass
     "synth": {"clips": 3000, "seed": 1, "size": "128", "seconds": 2.0, "fps": 30},
     "heldout": {"clips": 400, "seed": 2},
-    "pretrain": {"epochs": 6, "batch": 32, "lr": 1.5e-3, "mask_ratio": 0.75, "seed": 1},
-    "finetune": {"epochs": 12, "batch": 32, "lr": 5e-4, "label_smoothing": 0.1, "seed": 1},
+    "pretrain": {"epochs": 3, "batch": 32, "lr": 1.5e-3, "mask_ratio": 0.75, "seed": 1},
+    # lr: 1e-3 left the tiny Hiera at chance (its loss never moved); 3e-4 to 5e-4 learns. Long: the
+    # 8-way task sits near chance for several hundred steps before it takes off.
+    "finetune": {"epochs": 40, "batch": 32, "lr": 4e-4, "label_smoothing": 0.1, "seed": 1},
     "decoder": {"epochs": 1, "batch": 32, "lr": 1e-3, "mask_ratio": 0.75, "seed": 1},
     "eval": {"batch": 1, "device": "cpu"},  # batch 1: the node labels one clip at a time
     "min_accuracy": 0.95,
@@ -273,6 +275,8 @@ def main() -> int:
     g.add_argument("--card", action="store_true", help="only re-render the card")
     g.add_argument("--check", action="store_true", help="re-run the held-out eval and compare with the card")
     g.add_argument("--quick", action="store_true", help="toy-size pipeline into --work; models/ untouched")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="with --check: accuracy may differ by this much (0: the confusion matrix must match)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hiera_embedded_model",
                    help="build folder (default: $TMPDIR/hiera_embedded_model)")
     args = p.parse_args()
@@ -280,7 +284,7 @@ def main() -> int:
         print(render_card())
         return 0
     if args.check:
-        return check()
+        return check(args.tolerance)
     recipe = json.loads(json.dumps(RECIPE))
     if args.quick:
         for k, v in QUICK.items():
