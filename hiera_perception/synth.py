@@ -111,9 +111,9 @@ def _background(rng: np.random.Generator, h: int, w: int, family: str) -> np.nda
                 cv2.fillPoly(img, [pts], color, cv2.LINE_AA)
     else:
         raise ValueError(f"unknown background family {family!r}; valid: {_BACKGROUNDS + (_SHIFT_BACKGROUND,)}")
-    if family != _SHIFT_BACKGROUND:  # a wall, not a poster: low contrast about a colour pulled towards grey
+    if family != _SHIFT_BACKGROUND:  # a plain wall: a faint pattern on a colour close to grey
         mean = img.reshape(-1, 3).mean(0)
-        img = 0.25 * mean + 0.75 * 115.0 + rng.uniform(0.1, 0.25) * (img - mean)
+        img = 0.15 * mean + 0.85 * 115.0 + rng.uniform(0.05, 0.12) * (img - mean)
     img += 3.0 * rng.standard_normal((h, w, 1), dtype=np.float32)  # paper/wall grain
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -281,8 +281,8 @@ class _Scene:
 
         # Motion: the same draws for every action, so the action changes only how the actor moves.
         ox, oy = (w - side) / 2, (h - side) / 2  # the centred square that crop_resize keeps
-        self.log_range = r.uniform(math.log(3.0), math.log(4.0))  # approach/recede scale sweep
-        self.diam = side * math.exp(r.uniform(math.log(0.26), math.log(0.34)))  # x exp(+-log_range / 2)
+        self.log_range = r.uniform(math.log(2.5), math.log(3.5))  # approach/recede scale sweep
+        self.diam = side * math.exp(r.uniform(math.log(0.3), math.log(0.4)))  # x exp(+-log_range / 2)
         self.static_log_scale = r.uniform(-self.log_range / 2, self.log_range / 2)
         self.cx, self.cy = ox + r.uniform(0.3, 0.7) * side, oy + r.uniform(0.3, 0.7) * side
         self.phase = r.uniform(0, 1)
@@ -292,7 +292,7 @@ class _Scene:
         self.wave = (r.uniform(0.1, 0.2) * side, r.uniform(1.0, 2.2), np.radians(r.uniform(-15, 15)), r.uniform(0, 20))
         self.swipe = (r.uniform(2.2, 3.2), math.radians(r.uniform(-10, 10)))  # longer than a 2 s clip
         self.circle = (r.uniform(0.12, 0.25) * side, r.uniform(0.5, 1.2), r.uniform(0.7, 1.0), r.uniform(0, np.pi))
-        # a 3x to 4x sweep in 2.6 to 3.4 s: room for a 2 s clip between two fades
+        # a 2.5x to 3.5x sweep in 2.6 to 3.4 s: room for a 2 s clip between two fades
         self.loom_period = r.uniform(2.6, 3.4)
         jitter_px = r.uniform(0.5, 2.0) * side / 128
         idle_px = r.uniform(2.0, 4.5) * side / 128
