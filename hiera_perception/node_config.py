@@ -120,6 +120,8 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
         "Reject a round whose probe MAE loss exceeds the deployed one by more than this fraction", 0.0, 1.0e6)),
     "adaptation.max_device_share": (_ADAPT.max_device_share, _desc(
         "Largest share of wall time spent in adaptation (it also yields whenever inference has work)", 0.01, 1.0)),
+    "adaptation.threads": (_ADAPT.threads, _desc(
+        "CPU threads of the adaptation thread's kernels (inference keeps its own); 0 = torch's default", 0, 1024)),
     "adaptation.round_interval_s": (_ADAPT.round_interval_s, _desc("Pause between two rounds, s", 0.0, 86400.0)),
     "adaptation.keep_versions": (_ADAPT.keep_versions, _desc("Accepted versions kept on disk", 1, 10000)),
     "adaptation.decoder_warmup_rounds": (_ADAPT.decoder_warmup_rounds, _desc(

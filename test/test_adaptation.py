@@ -466,3 +466,21 @@ def test_stop_while_busy_ends_the_round(tmp_path):
     assert not thread.is_alive()
     assert counts["all"] == 0 and adapter.version == 0 and adapter.last.reason == "adapter stopping"
     assert not (tmp_path / "v").exists()
+
+
+def test_adapter_thread_caps_its_own_cpu_threads_only(tmp_path):
+    adapter, _ = make_adapter(tmp_path, threads=1)
+    seen = []
+    adapter.run_round = lambda wait=True: seen.append(torch.get_num_threads())  # what a round would run with
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        adapter.start()
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        adapter.stop()
+        assert seen and seen[0] == 1  # the adapter's kernels: one thread
+        assert torch.get_num_threads() == 2  # the serving thread keeps its own
+    finally:
+        torch.set_num_threads(before)
