@@ -58,7 +58,7 @@ class AdaptationConfig:
     min_probe_cosine: float = 0.9  # mean cosine of probe embeddings to the original model
     max_loss_increase: float = 0.0  # candidate probe MAE loss <= deployed * (1 + this)
     max_device_share: float = 0.5  # of wall time spent in adaptation steps
-    threads: int = 1  # intra-op CPU threads of the adapter's thread (per thread: inference keeps its own); 0 = torch's
+    threads: int = 0  # intra-op CPU threads of the adapter's thread (per thread; serving gets the rest); 0 = torch's
     round_interval_s: float = 5.0
     keep_versions: int = 5
     decoder_warmup_rounds: int = 5  # rounds training a fresh decoder alone (only without decoder weights)
@@ -450,8 +450,9 @@ class Adapter:
 
     def _loop(self) -> None:
         if self.config.threads:
-            # OpenMP thread counts are per calling thread: this caps the adapter's kernels only, so on a
-            # 2-core robot inference keeps a core to itself (p99 latency 812 ms with both shared).
+            # OpenMP thread counts are per calling thread: this caps the adapter's kernels only (and
+            # LiveAdaptation.share_cpu narrows serving to the rest). Off by default: on 2 cores it did not
+            # lower the node's p95 latency with adaptation on (measured 155-605 ms either way).
             torch.set_num_threads(self.config.threads)
         while not self._stop.is_set():
             if self.enabled.is_set():

@@ -311,6 +311,8 @@ class PerceptionNode(Node):
     def _serve(self, batch: list[Clip], job: TeachJob | None, live: LiveAdaptation | None) -> bool:
         """Infer and publish a batch, then hand its clips to teaching and adaptation. False when shutting down."""
         try:
+            if live is not None:
+                live.share_cpu()
             results = self._engine.infer([clip.frames for clip in batch])
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: drop this batch, keep serving
             with self._cond:

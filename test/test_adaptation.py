@@ -484,3 +484,21 @@ def test_adapter_thread_caps_its_own_cpu_threads_only(tmp_path):
         assert torch.get_num_threads() == 2  # the serving thread keeps its own
     finally:
         torch.set_num_threads(before)
+
+
+def test_serving_thread_leaves_the_adapter_its_cores(tmp_path):
+    from hiera_perception.adaptation import AdaptationConfig
+    from hiera_perception.online import LiveAdaptation
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        live = LiveAdaptation(serving_model(), AdaptationConfig(threads=1, min_clips=4, probe_clips=4),
+                              tmp_path / "versions")
+        live.share_cpu()
+        assert torch.get_num_threads() == 3  # adapting: one core is the adapter's
+        live.set_enabled(False)
+        live.share_cpu()
+        assert torch.get_num_threads() == 4  # not adapting: every core serves
+    finally:
+        torch.set_num_threads(before)
