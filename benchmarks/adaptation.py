@@ -60,12 +60,12 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(args, work: Path) -> dict:
     base = Engine(args.model, device=args.device)
-    size = str(max(128, 2 * base.size))  # rendered larger than the model's input, as the camera's frames are
+    size = max(128, 2 * base.size)  # rendered larger than the model's input, as the camera's frames are
 
     def data(name: str, shift: str, clips: int, seed: int, unlabeled: bool = False) -> Path:
         folder = work / name
         if not (folder / "labels.csv").exists():
-            write_dataset(folder, clips, seed, shift=shift, size=(int(size), int(size)), unlabeled=unlabeled,
+            write_dataset(folder, clips, seed, shift=shift, size=(size, size), unlabeled=unlabeled,
                           progress=False)
         return folder
 

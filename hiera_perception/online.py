@@ -137,9 +137,9 @@ class LiveAdaptation:
         (OpenMP thread counts are per thread). A serving team wider than the free cores waits at every barrier
         for a core the adapter holds: on 2 cores the node's p95 latency rose from 50 to 430-500 ms."""
         threads = self.adapter.config.threads
-        want = self._serving_threads
-        if threads and self.adapter.enabled.is_set():
-            want = max(1, self._serving_threads - threads)
+        if not threads:  # the default: nobody narrows anything, nothing to do per clip
+            return
+        want = max(1, self._serving_threads - threads) if self.adapter.enabled.is_set() else self._serving_threads
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
 

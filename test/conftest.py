@@ -91,3 +91,25 @@ def spin_until() -> Callable[..., bool]:
     from ros_helpers import spin_until
 
     return spin_until
+
+
+@pytest.fixture(scope="session")
+def always_wave(tmp_path_factory):
+    """A checkpoint of the tiny Hiera that predicts "wave" (ACTIONS[0]) for every clip: a zero head with the largest
+    bias on class 0; labels ACTIONS, id always_wave, version 3, trained at 0.1 s between frames."""
+    import torch
+
+    from hiera_perception.checkpoint import save_checkpoint
+    from hiera_perception.config import get_config
+    from hiera_perception.model import Hiera
+    from hiera_perception.synth import ACTIONS
+
+    torch.manual_seed(0)
+    model = Hiera(get_config("hiera_tiny_8x64", num_classes=len(ACTIONS)))
+    with torch.no_grad():
+        model.head.projection.weight.zero_()
+        model.head.projection.bias.copy_(torch.linspace(1.0, 0.0, len(ACTIONS)))
+    path = tmp_path_factory.mktemp("models") / "wave.pt"
+    save_checkpoint(path, model, labels=list(ACTIONS), model_id="always_wave", version=3,
+                    extra={"sampling": {"frame_stride_s": 0.1}})
+    return path

@@ -23,24 +23,10 @@ def test_engine_benchmark_writes_latency_and_memory(tmp_path):
     assert len(res["table"]["rows"][0]) == len(res["table"]["columns"])
 
 
-def test_adaptation_benchmark_bookkeeping(tmp_path):
-    # A head that always says "wave" (zero weights, largest bias): every balanced set scores exactly 1/8 before
-    # and after adaptation (which moves the encoder, not the head), so nothing was lost and nothing recovered.
-    import torch
-
-    from hiera_perception.checkpoint import save_checkpoint
-    from hiera_perception.config import get_config
-    from hiera_perception.model import Hiera
-    from hiera_perception.synth import ACTIONS
-
-    torch.manual_seed(0)
-    model = Hiera(get_config("hiera_tiny_8x64", num_classes=len(ACTIONS)))
-    with torch.no_grad():
-        model.head.projection.weight.zero_()
-        model.head.projection.bias.copy_(torch.linspace(1.0, 0.0, len(ACTIONS)))
-    path = tmp_path / "wave.pt"
-    save_checkpoint(path, model, labels=list(ACTIONS), model_id="always_wave", extra={"sampling": {"frame_stride_s": 0.1}})
-    cmd = [sys.executable, "-m", "benchmarks", "adaptation", "--model", str(path), "--shifts", "blur", "noise",
+def test_adaptation_benchmark_bookkeeping(always_wave, tmp_path):
+    # A head that always says "wave": every balanced set scores exactly 1/8 before and after adaptation (which
+    # moves the encoder, not the head), so nothing was lost and nothing recovered.
+    cmd = [sys.executable, "-m", "benchmarks", "adaptation", "--model", str(always_wave), "--shifts", "blur", "noise",
            "--test-clips", "8", "--adapt-clips", "20", "--rounds", "2", "--work", str(tmp_path / "work"),
            "--out", str(tmp_path), "--name", "adaptation_test"]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=600, capture_output=True)

@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from hiera_perception.checkpoint import MODELS_DIR, DEFAULT_MODEL, save_checkpoint
 from hiera_perception.config import get_config
@@ -30,20 +29,6 @@ def folder(tmp_path_factory):
     rows = [f"clip_{i:06d}{next(out.glob('clip_000000.*')).suffix},{label}" for i, label in enumerate(labels)]
     (out / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     return out
-
-
-@pytest.fixture(scope="module")
-def always_wave(tmp_path_factory):
-    """A model that predicts "wave" for every clip: a zero head with the largest bias on class 0."""
-    torch.manual_seed(0)
-    model = Hiera(get_config("hiera_tiny_8x64", num_classes=len(NAMES)))
-    with torch.no_grad():
-        model.head.projection.weight.zero_()
-        model.head.projection.bias.copy_(torch.linspace(1.0, 0.0, len(NAMES)))
-    path = tmp_path_factory.mktemp("models") / "wave.pt"
-    save_checkpoint(path, model, labels=NAMES, model_id="always_wave", version=3,
-                    extra={"sampling": {"frame_stride_s": 0.1}})
-    return path
 
 
 def test_exact_figures_for_a_controlled_model(folder, always_wave):
