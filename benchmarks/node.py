@@ -50,13 +50,14 @@ def main(args) -> None:
             s = _demo(args, extra)
             runs.append((name, r, s))
             print(f"{name} #{r}: {s['clips']} clips, {s['clips_per_s']} clips/s, latency p50 {s['latency_p50_ms']} ms, "
-                  f"p95 {s['latency_p95_ms']} ms, p99 {s['latency_p99_ms']} ms")
+                  f"p95 {s['latency_p95_ms']} ms, p99 {s['latency_p99_ms']} ms, {s['encoder_swaps']} encoder swaps "
+                  f"({' -> '.join(s['encoder_versions'])})")
     p95 = {n: statistics.median(s["latency_p95_ms"] for m, _, s in runs if m == n) for n in VARIANTS}
     ratio = p95["adaptation on"] / p95["adaptation off"]
-    table = {"columns": ["variant", "run", "clips", "clips/s", "p50 ms", "p95 ms", "p99 ms", "camera fps"],
+    table = {"columns": ["variant", "run", "clips", "clips/s", "p50 ms", "p95 ms", "p99 ms", "camera fps", "swaps"],
              "rows": [[n, r, s["clips"], s["clips_per_s"], s["latency_p50_ms"], s["latency_p95_ms"], s["latency_p99_ms"],
-                       s["camera_fps"]] for n, r, s in runs]}
-    table["rows"].append(["median p95: on / off", "", "", "", "", f"{ratio:.2f}x", "", ""])
+                       s["camera_fps"], s["encoder_swaps"]] for n, r, s in runs]}
+    table["rows"].append(["median p95: on / off", "", "", "", "", f"{ratio:.2f}x", "", "", ""])
     write_result("node_cpu", {"title": "Node latency over ROS 2 (frame published -> ActionFeatures received), 30 fps",
                               "seconds": args.seconds, "runs": [{"variant": n, "run": r, **s} for n, r, s in runs],
                               "median_p95_ms": p95, "p95_ratio_on_off": ratio, "table": table}, args.out)

@@ -94,6 +94,7 @@ class DemoStats:
     scored: list[tuple[bool, bool]] = field(default_factory=list)  # (top label correct, clip within one action)
     truth_stamps: int = 0
     truth_span_ns: tuple[int, int] | None = None
+    versions: list[str] = field(default_factory=list)  # encoder versions in order of first appearance
 
     def summary(self) -> dict:
         n = len(self.received_s)
@@ -115,6 +116,9 @@ class DemoStats:
             "latency_p95_ms": round(float(np.percentile(lat, 95)), 1) if n else None,
             "latency_p99_ms": round(float(np.percentile(lat, 99)), 1) if n else None,
             "camera_fps": round(camera_fps, 2) if camera_fps else None,
+            # adaptation: the versions served during the run; swaps = how many times a new one appeared
+            "encoder_versions": self.versions,
+            "encoder_swaps": max(0, len(self.versions) - 1),
         }
 
 
@@ -224,6 +228,8 @@ def _make_printer(args: argparse.Namespace, stats: DemoStats):
         t = (stamp - stats.first_stamp_ns) * 1e-9
         stats.received_s.append(time.monotonic())
         stats.latencies_s.append(latency_s)
+        if not stats.versions or stats.versions[-1] != msg.encoder_version:
+            stats.versions.append(msg.encoder_version)
         labels, scores = list(msg.labels), [float(s) for s in msg.scores]
         actual, within = true_action(start, stamp) if args.synthetic else (None, True)
         correct = bool(labels) and actual is not None and labels[0] == actual
