@@ -281,7 +281,7 @@ class _Scene:
 
         # Motion: the same draws for every action, so the action changes only how the actor moves.
         ox, oy = (w - side) / 2, (h - side) / 2  # the centred square that crop_resize keeps
-        self.log_range = r.uniform(math.log(2.5), math.log(3.5))  # approach/recede scale sweep
+        self.log_range = r.uniform(math.log(3.0), math.log(4.0))  # approach/recede scale sweep
         self.diam = side * math.exp(r.uniform(math.log(0.3), math.log(0.4)))  # x exp(+-log_range / 2)
         self.static_log_scale = r.uniform(-self.log_range / 2, self.log_range / 2)
         self.cx, self.cy = ox + r.uniform(0.3, 0.7) * side, oy + r.uniform(0.3, 0.7) * side
@@ -291,22 +291,18 @@ class _Scene:
         # circle: radius px, revolutions/s, aspect, rotation of the ellipse
         self.wave = (r.uniform(0.1, 0.2) * side, r.uniform(1.0, 2.2), np.radians(r.uniform(-15, 15)), r.uniform(0, 20))
         self.swipe = (r.uniform(2.2, 3.2), math.radians(r.uniform(-10, 10)))  # longer than a 2 s clip
-        self.circle = (r.uniform(0.12, 0.25) * side, r.uniform(0.5, 1.2), r.uniform(0.7, 1.0), r.uniform(0, np.pi))
-        # a 2.5x to 3.5x sweep in 2.6 to 3.4 s: room for a 2 s clip between two fades
-        self.loom_period = r.uniform(2.6, 3.4)
+        self.circle = (r.uniform(0.15, 0.25) * side, r.uniform(0.6, 1.0), r.uniform(0.7, 1.0), r.uniform(0, np.pi))
+        # a 3x to 4x sweep in 2.4 to 3 s: room for a 2 s clip between two fades
+        self.loom_period = r.uniform(2.4, 3.0)
         jitter_px = r.uniform(0.5, 2.0) * side / 128
         idle_px = r.uniform(2.0, 4.5) * side / 128
         self.jitter_px = idle_px if action == "idle" else jitter_px
         self.jitter = (r.uniform(0.3, 2.5, (4, 3)), r.uniform(0, 2 * np.pi, (4, 3)))  # x, y, angle, scale
         self.shake = (r.uniform(0, self.margin), r.uniform(2, 8, (2, 2)), r.uniform(0, 2 * np.pi, (2, 2)))
         self.t0 = r.uniform(0, 20)  # start offset into the motion
-        fit = r.uniform(0, 1)  # where in a pass a scene of known duration starts
+        self._fit = r.uniform(0, 1)  # where in a pass a scene of known duration starts
         if duration is not None:
-            self.t0 = 0.0
-            if action.startswith("swipe"):  # any start that leaves the pass before the wrap
-                self.phase = fit * max(0.0, 1.0 - duration / self.swipe[0])
-            elif action in ("approach", "recede"):  # the same, clear of the fades at both ends
-                self.phase = _FADE + fit * max(0.0, 1.0 - 2 * _FADE - duration / self.loom_period)
+            self.fit(duration)
         shape = str(r.choice(SHAPES))
         max_diam = self.diam * math.exp(self.log_range / 2 + 0.05)
         px = int(np.clip(math.ceil(max_diam / 0.9), 16, 192))
@@ -328,6 +324,23 @@ class _Scene:
         self._noise = self._noise_rng.standard_normal((2 * h, 2 * w, 3), dtype=np.float32) * np.float32(sigma)
         self.salt = sp["salt"]
         self.kernel = sp["kernel"]
+
+    @property
+    def one_pass_s(self) -> float:
+        """Seconds of motion without a wrap or restart: a swipe's pass, a looming sweep between its fades."""
+        if self.action.startswith("swipe"):
+            return self.swipe[0]
+        if self.action in ("approach", "recede"):
+            return self.loom_period * (1.0 - 2 * _FADE)
+        return math.inf
+
+    def fit(self, duration: float) -> None:
+        """Show the scene from t = 0 for `duration` s, phased so no pass restarts inside it (if one is long enough)."""
+        self.t0 = 0.0
+        if self.action.startswith("swipe"):  # any start that leaves the pass before the wrap
+            self.phase = self._fit * max(0.0, 1.0 - duration / self.swipe[0])
+        elif self.action in ("approach", "recede"):  # the same, clear of the fades at both ends
+            self.phase = _FADE + self._fit * max(0.0, 1.0 - 2 * _FADE - duration / self.loom_period)
 
     def pose(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Actor centre x, y (px), log scale, angle (degrees) and opacity at times ts [n]."""
@@ -438,7 +451,8 @@ def render_clip(
 
 
 class SyntheticCamera:
-    """An endless synthetic camera: a new random action (and scene) every `segment_s` seconds of stream time.
+    """An endless synthetic camera: a new random action (and scene) every `segment_s` seconds of stream time
+    (a swipe or a looming actor: one pass, if that is shorter).
 
     `next_frame()` returns (true action, uint8 RGB [H, W, 3]); the stream is a pure function of the seed.
     Consecutive segments never repeat the action, so each switch is a real change for the demo to show.
@@ -470,17 +484,19 @@ class SyntheticCamera:
         self._segment_start = 0
         self._segment_end = 0
         self._scene: _Scene | None = None
-        self._scene_rng: np.random.Generator | None = None
 
     def _next_segment(self) -> None:
         self._segment += 1
         rng = np.random.default_rng([self.seed, self._segment])
         choices = [a for a in self.actions if a != self.action] or list(self.actions)
         self.action = str(rng.choice(choices))
-        frames = max(1, round(rng.uniform(*self.segment_s) * self.fps))
+        seconds = rng.uniform(*self.segment_s)
+        self._scene = _Scene(self.action, rng, self.size, self.shift)
+        # A swipe or a looming actor shows one pass and the segment ends with it: a wrap or a restart would
+        # show the opposite motion for a moment, and no label could be right for those clips.
+        frames = max(1, round(min(seconds, self._scene.one_pass_s) * self.fps))
+        self._scene.fit(frames / self.fps)
         self._segment_start, self._segment_end = self._segment_end, self._segment_end + frames
-        self._scene = None  # built when a frame of this segment is asked for (skipped segments cost nothing)
-        self._scene_rng = rng
 
     def next_frame(self) -> tuple[str, np.ndarray]:
         """(true action, uint8 RGB [H, W, 3]) of frame `frame_index`, then frame_index + 1.
@@ -490,9 +506,6 @@ class SyntheticCamera:
         """
         while self.frame_index >= self._segment_end:
             self._next_segment()
-        if self._scene is None:
-            duration = (self._segment_end - self._segment_start) / self.fps
-            self._scene = _Scene(self.action, self._scene_rng, self.size, self.shift, duration)
         t = (self.frame_index - self._segment_start) / self.fps
         frame = self._scene.render(np.array([t]))[0]
         self.frame_index += 1

@@ -171,6 +171,25 @@ def test_camera_stream_is_deterministic_and_switches_actions():
     assert np.abs(frame.astype(int) - frames[20].astype(int)).mean() < 12  # only the sensor noise differs
 
 
+def test_camera_shows_one_pass_per_swipe_or_looming_segment():
+    # Default 3-6 s segments are longer than a pass: those segments end with their pass, so no clip the demo
+    # scores shows a wrap or a restart.
+    cam = SyntheticCamera(seed=5, size=(48, 64), fps=30.0, actions=("swipe_left", "approach", "recede", "wave"))
+    seen = {}
+    for _ in range(12):
+        cam._next_segment()
+        n = cam._segment_end - cam._segment_start
+        x, _, ls, _, opacity = cam._scene.pose(np.arange(n) / cam.fps)
+        seen.setdefault(cam.action, []).append(n / cam.fps)
+        if cam.action == "swipe_left":
+            assert n / cam.fps <= cam._scene.swipe[0] + 1 / cam.fps and np.mean(np.diff(x) < 0) > 0.8
+            assert np.all(np.diff(x) < 1.5)
+        elif cam.action != "wave":
+            assert np.all(opacity == 1.0) and np.all(np.diff(ls) * (1 if cam.action == "approach" else -1) > 0)
+    assert set(seen) == {"swipe_left", "approach", "recede", "wave"}
+    assert max(seen["swipe_left"] + seen["approach"] + seen["recede"]) < 3.3 and min(seen["wave"]) >= 3.0
+
+
 def test_cli_writes_a_balanced_data_folder(tmp_path):
     out = tmp_path / "data"
     argv = ["synth", "--out", str(out), "--clips", "16", "--seed", "1", "--seconds", "0.5", "--fps", "10",
