@@ -17,8 +17,10 @@ from hiera_perception.model import Hiera
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configs", nargs="+", default=["hiera_tiny_8x64", "hiera_base_16x224"])
+    p.add_argument("--configs", nargs="+", default=["hiera_tiny_8x64", "hiera_base_16x224"],
+                   help="configs; NAME@8,16 gives that config its own batch sizes")
     p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--name", default=None, help="results file name (default encoder_<device>_<precision>)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--repeats", type=int, default=10)
@@ -31,7 +33,9 @@ def run(args) -> dict:
     o = oracle()
     device = torch.device(args.device)
     rows = []
-    for name in args.configs:
+    for item in args.configs:
+        name, _, own = item.partition("@")
+        batches = [int(b) for b in own.split(",")] if own else args.batch
         cfg = get_config(name, num_classes=400)
         torch.manual_seed(0)
         official = o.official_hiera(cfg).to(device).eval()
@@ -40,7 +44,7 @@ def run(args) -> dict:
         fns_models = {"ours": ours, "official": official}
         if args.compile:
             fns_models["ours_compiled"] = torch.compile(ours)
-        for b in args.batch:
+        for b in batches:
             x = torch.randn(b, 3, *cfg.input_size, device=device)
             amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                    else contextlib.nullcontext())
@@ -67,4 +71,4 @@ def run(args) -> dict:
 
 
 def main(args) -> None:
-    write_result(f"encoder_{torch.device(args.device).type}_{args.precision}", run(args), args.out)
+    write_result(args.name or f"encoder_{torch.device(args.device).type}_{args.precision}", run(args), args.out)

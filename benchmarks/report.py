@@ -28,11 +28,14 @@ def _machine(m: dict) -> str:
 
 def _speed_table(res: dict, title: str) -> list[str]:
     lines = [f"**{title}** — {res['device']} {res['precision']}; {_machine(res['machine'])}", "",
-             "| config | batch | ours ms (p10–p90) | official ms (p10–p90) | speed-up |", "|---|---|---|---|---|"]
+             "| config | batch | ours ms (p10–p90) | official ms (p10–p90) | speed-up | ours clips/s |",
+             "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         o, f = r["ours"], r["official"]
+        rate = r["batch"] * 1e3 / o["median_ms"]
         lines.append(f"| {r['config']} | {r['batch']} | {o['median_ms']:.1f} ({o['p10_ms']:.1f}–{o['p90_ms']:.1f}) | "
-                     f"{f['median_ms']:.1f} ({f['p10_ms']:.1f}–{f['p90_ms']:.1f}) | **{r['speedup_vs_official']:.2f}x** |")
+                     f"{f['median_ms']:.1f} ({f['p10_ms']:.1f}–{f['p90_ms']:.1f}) | **{r['speedup_vs_official']:.2f}x** | "
+                     f"{rate:.1f} |")
     return lines + [""]
 
 

@@ -40,3 +40,19 @@ def test_adaptation_benchmark_bookkeeping(always_wave, tmp_path):
     work = tmp_path / "work"
     assert "wave" not in (work / "adapt_blur" / "labels.csv").read_text()
     assert len(res["table"]["rows"]) == 3 and res["mean"]["recovered"] is None
+
+
+def test_encoder_benchmark_batches_per_config_and_the_report_renders_them(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "encoder", "--configs", "hiera_tiny_8x64@2,3", "--batch", "1",
+           "--repeats", "2", "--warmup", "0", "--out", str(tmp_path), "--name", "encoder_test"]
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=300, capture_output=True)
+    res = json.loads((tmp_path / "encoder_test.json").read_text())
+    assert [(r["config"], r["batch"]) for r in res["rows"]] == [("hiera_tiny_8x64", 2), ("hiera_tiny_8x64", 3)]
+    for r in res["rows"]:
+        assert r["ours_clips_per_s"] == r["batch"] * 1e3 / r["ours"]["median_ms"] and r["speedup_vs_official"] > 0
+
+    from benchmarks.report import render
+
+    rows = [line for line in render(tmp_path).splitlines() if line.startswith("| hiera_tiny_8x64 |")]
+    assert [line.split(" | ")[1] for line in rows] == ["2", "3"]
+    assert all(float(line.split(" | ")[-1].rstrip(" |")) > 0 for line in rows)  # ours clips/s
