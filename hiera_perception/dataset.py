@@ -202,7 +202,7 @@ class ClipDataset(torch.utils.data.Dataset):
     Each video gives `clips_per_video` items. Eval (train=False) puts their starts evenly over the video
     (centred in equal slots, so one clip per video is its middle); train=True draws each start uniformly
     from torch's generator, which a DataLoader seeds per worker. There is deliberately no horizontal flip:
-    it would turn swipe_left into swipe_right and circle_cw into circle_ccw.
+    it would turn swipe_left into swipe_right.
     """
 
     def __init__(

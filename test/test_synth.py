@@ -19,7 +19,7 @@ def rng(*key):
 
 def test_action_and_shift_names():
     assert ACTIONS == (
-        "wave", "swipe_left", "swipe_right", "approach", "recede", "circle_cw", "circle_ccw", "idle",
+        "wave", "swipe_left", "swipe_right", "swipe_up", "swipe_down", "approach", "circle", "idle",
     )  # fmt: skip
     assert {"none", "lighting", "blur", "noise", "color_cast", "background"} <= set(SHIFTS)
 
@@ -41,8 +41,8 @@ def test_every_action_renders_rgb_uint8(action):
 
 @pytest.mark.parametrize("shift", [s for s in SHIFTS if s != "none"])
 def test_every_shift_changes_pixels_and_keeps_shape(shift):
-    clean = render_clip("circle_cw", rng(2, 5), 4, (40, 40))
-    shifted = render_clip("circle_cw", rng(2, 5), 4, (40, 40), shift=shift)
+    clean = render_clip("circle", rng(2, 5), 4, (40, 40))
+    shifted = render_clip("circle", rng(2, 5), 4, (40, 40), shift=shift)
     assert shifted.shape == clean.shape and shifted.dtype == np.uint8
     assert not np.array_equal(shifted, clean)
 
@@ -105,15 +105,19 @@ def test_trajectories_carry_the_class():
         assert np.mean(np.diff(x) < 0) > 0.9  # leftwards, but for the wrap-around jumps
     for x, _, _, _, _ in _poses("swipe_right"):
         assert np.mean(np.diff(x) > 0) > 0.9
+    for _, y, _, _, _ in _poses("swipe_up"):
+        assert np.mean(np.diff(y) < 0) > 0.9  # image y points down
+    for _, y, _, _, _ in _poses("swipe_down"):
+        assert np.mean(np.diff(y) > 0) > 0.9
     for _, _, ls, _, _ in _poses("approach"):
         assert np.mean(np.diff(ls) > 0) > 0.95  # growing, but for the (faded out) restarts
-    for _, _, ls, _, _ in _poses("recede"):
-        assert np.mean(np.diff(ls) < 0) > 0.95
-    for sense, action in ((1, "circle_cw"), (-1, "circle_ccw")):
-        for x, y, _, _, _ in _poses(action):
-            dx, dy = x - x.mean(), y - y.mean()
-            area = np.sum(dx[:-1] * dy[1:] - dx[1:] * dy[:-1])  # > 0 is clockwise on screen (y down)
-            assert np.sign(area) == sense
+    senses = []
+    for x, y, _, _, _ in _poses("circle"):
+        dx, dy = x - x.mean(), y - y.mean()
+        area = np.sum(dx[:-1] * dy[1:] - dx[1:] * dy[:-1])  # > 0 is clockwise on screen (y down)
+        senses.append(np.sign(area))
+        assert abs(area) > 0.5 * np.pi * np.std(dx) * np.std(dy)  # a loop, not a line
+    assert set(senses) == {-1, 1}  # either sense, one class
     for x, _, _, _, _ in _poses("wave"):
         assert np.sum(np.diff(np.sign(np.diff(x))) != 0) >= 2  # turns back at least twice in 2 s
     for x, y, ls, _, _ in _poses("idle"):
@@ -125,24 +129,26 @@ def test_a_clip_shows_one_direction_only(duration):
     # A scene of known duration fits inside one pass: no wrap, no restart, no fade, whatever the seed.
     t = np.arange(round(duration * 30)) / 30
     for s in range(40):
-        sl, sr, ap, rc = (_Scene(a, rng(9, s), (64, 80), duration=duration).pose(t)
-                          for a in ("swipe_left", "swipe_right", "approach", "recede"))
+        sl, sr, su, sd, ap = (_Scene(a, rng(9, s), (64, 80), duration=duration).pose(t)
+                              for a in ("swipe_left", "swipe_right", "swipe_up", "swipe_down", "approach"))
         assert np.all(np.diff(sl[0]) < 1.5) and np.mean(np.diff(sl[0]) < 0) > 0.8  # jitter aside, leftwards
         assert np.all(np.diff(sr[0]) > -1.5) and np.mean(np.diff(sr[0]) > 0) > 0.8
-        assert np.all(np.diff(ap[2]) > 0) and np.all(np.diff(rc[2]) < 0)
-        assert np.all(ap[4] == 1.0) and np.all(rc[4] == 1.0)
+        assert np.all(np.diff(su[1]) < 1.5) and np.mean(np.diff(su[1]) < 0) > 0.8
+        assert np.all(np.diff(sd[1]) > -1.5) and np.mean(np.diff(sd[1]) > 0) > 0.8
+        assert np.all(np.diff(ap[2]) > 0) and np.all(ap[4] == 1.0)
 
 
 def test_one_frame_does_not_tell_the_class():
-    # Single-frame statistics match: scale for approach/recede (and a still actor), position for the swipes.
+    # Single-frame statistics match: scale for approach and a still actor, position for the swipes.
     seeds = range(40)
-    app, rec, still = (np.concatenate([p[2] for p in _poses(a, seeds)]) for a in ("approach", "recede", "wave"))
-    assert abs(app.mean() - rec.mean()) < 0.02 and abs(app.std() - rec.std()) < 0.02
+    app, still = (np.concatenate([p[2] for p in _poses(a, seeds)]) for a in ("approach", "wave"))
     # A still actor draws its one size per clip from the sweep's range: equal up to sampling noise of 40 clips.
     assert abs(app.mean() - still.mean()) < 0.25 * app.std() and abs(still.std() / app.std() - 1) < 0.15
     # slow passes: a 2 s window samples few places of one, so more clips to average the positions
     left, right = (np.concatenate([p[0] for p in _poses(a, range(160))]) / 64 for a in ("swipe_left", "swipe_right"))
     assert abs(left.mean() - right.mean()) < 0.03 and abs(left.std() - right.std()) < 0.03
+    up, down = (np.concatenate([p[1] for p in _poses(a, range(160))]) / 64 for a in ("swipe_up", "swipe_down"))
+    assert abs(up.mean() - down.mean()) < 0.03 and abs(up.std() - down.std()) < 0.03
 
 
 def test_camera_stream_is_deterministic_and_switches_actions():
@@ -174,20 +180,21 @@ def test_camera_stream_is_deterministic_and_switches_actions():
 def test_camera_shows_one_pass_per_swipe_or_looming_segment():
     # Default 3-6 s segments are longer than a pass: those segments end with their pass, so no clip the demo
     # scores shows a wrap or a restart.
-    cam = SyntheticCamera(seed=5, size=(48, 64), fps=30.0, actions=("swipe_left", "approach", "recede", "wave"))
+    cam = SyntheticCamera(seed=5, size=(48, 64), fps=30.0, actions=("swipe_left", "swipe_up", "approach", "wave"))
     seen = {}
     for _ in range(12):
         cam._next_segment()
         n = cam._segment_end - cam._segment_start
-        x, _, ls, _, opacity = cam._scene.pose(np.arange(n) / cam.fps)
+        x, y, ls, _, opacity = cam._scene.pose(np.arange(n) / cam.fps)
         seen.setdefault(cam.action, []).append(n / cam.fps)
-        if cam.action == "swipe_left":
-            assert n / cam.fps <= cam._scene.swipe[0] + 1 / cam.fps and np.mean(np.diff(x) < 0) > 0.8
-            assert np.all(np.diff(x) < 1.5)
-        elif cam.action != "wave":
-            assert np.all(opacity == 1.0) and np.all(np.diff(ls) * (1 if cam.action == "approach" else -1) > 0)
-    assert set(seen) == {"swipe_left", "approach", "recede", "wave"}
-    assert max(seen["swipe_left"] + seen["approach"] + seen["recede"]) < 3.3 and min(seen["wave"]) >= 3.0
+        if cam.action.startswith("swipe"):
+            pos = x if cam.action == "swipe_left" else y
+            assert n / cam.fps <= cam._scene.swipe[0] + 1 / cam.fps and np.mean(np.diff(pos) < 0) > 0.8
+            assert np.all(np.diff(pos) < 1.5)
+        elif cam.action == "approach":
+            assert np.all(opacity == 1.0) and np.all(np.diff(ls) > 0)
+    assert set(seen) == {"swipe_left", "swipe_up", "approach", "wave"}
+    assert max(seen["swipe_left"] + seen["swipe_up"] + seen["approach"]) < 3.3 and min(seen["wave"]) >= 3.0
 
 
 def test_cli_writes_a_balanced_data_folder(tmp_path):
