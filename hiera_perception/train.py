@@ -7,7 +7,7 @@ The recipe follows the Hiera / MAE papers at toy scale (Ryali et al. 2023; He et
 Feichtenhofer et al. 2022): AdamW, linear warm-up then cosine decay, no weight decay on biases, norms
 and position embeddings, optional layer-wise lr decay when fine-tuning (Bao et al., BEiT 2021). The only
 augmentation is the clip's random start on the video's timeline (`dataset.ClipDataset`): no horizontal
-flip, which would swap swipe_left/swipe_right and circle_cw/circle_ccw.
+flip, which would swap swipe_left and swipe_right.
 
 Determinism and exact resume: every random draw is a function of (seed, ...) alone. Epoch e's clip order
 is a permutation seeded by (seed, e); item i of epoch e draws its random start under torch's RNG seeded
@@ -270,6 +270,14 @@ def _dataset(args, cfg, stride: float, labelled: bool):
         raise ValueError(f"{args.data}: labels.csv gives no labels; finetune needs labelled clips")
     if labelled and len(indices) < len(ds):
         log.warning("%s: %d of %d clips are unlabelled and left out", args.data, len(ds) - len(indices), len(ds))
+    if labelled and args.only_classes:
+        unknown = sorted(set(args.only_classes) - set(ds.classes))
+        if unknown:
+            raise ValueError(f"--only-classes {unknown} not in {args.data}'s classes {ds.classes}")
+        keep = {ds.classes.index(c) for c in args.only_classes}
+        indices = [i for i in indices if labels[i] in keep]
+        log.info("--only-classes: %d clips of %s (the head keeps all %d classes)", len(indices),
+                 ",".join(args.only_classes), len(ds.classes))
     return ds, indices, ds.classes
 
 
@@ -396,6 +404,7 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
         summary.update(mask_ratio=args.mask_ratio, freeze_encoder=bool(args.freeze_encoder))
     else:
         summary.update(label_smoothing=args.label_smoothing, layer_decay=args.layer_decay, classes=labels,
+                       only_classes=args.only_classes,
                        freeze_encoder=bool(args.freeze_encoder), unfreeze_after=args.unfreeze_after)
 
     def save(final: bool, loss: float | None) -> None:
@@ -530,6 +539,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str | None = None) -
         fz.add_argument("--unfreeze-after", type=int, default=0, metavar="N",
                         help="train the head only for the first N epochs, then everything (default 0)")
         o.add_argument("--val", default=None, help="data folder whose accuracy is logged after every epoch")
+        o.add_argument("--only-classes", default=None, metavar="A,B",
+                       type=lambda v: [c.strip() for c in v.split(",") if c.strip()],
+                       help="train on the clips of these classes only; the head keeps every class (a curriculum "
+                            "stage: chain stages with --init)")
     r = parser.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="the run is a function of the seed (default 0)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: each rank its LOCAL_RANK GPU)")
@@ -553,7 +566,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.config and args.init:
         raise ValueError("give --config (fresh weights) or --init (a checkpoint), not both")
-    for name in ("bag", "topic", "mask_ratio", "label_smoothing", "val"):
+    for name in ("bag", "topic", "mask_ratio", "label_smoothing", "val", "only_classes"):
         if not hasattr(args, name):
             setattr(args, name, None)
     if args.command == "finetune":

@@ -77,6 +77,26 @@ def test_finetune_lowers_the_loss_and_serves_its_labels(pretrained, data, tmp_pa
     assert out_logits.shape == (2, 8)
 
 
+def test_only_classes_trains_a_curriculum_stage_that_the_next_stage_continues(pretrained, data, tmp_path):
+    # Stage 1 sees only the swipes' clips but keeps the 8-way head; stage 2 (--init stage 1) keeps that head.
+    stage1, stage2 = tmp_path / "s1.pt", tmp_path / "s2.pt"
+    common = ("--data", str(data), "--batch", "2", "--lr", "1e-3", "--label-smoothing", "0", "--seed", "4")
+    r1 = train(make_args("finetune", *common, "--init", str(pretrained[0]), "--out", str(stage1), "--epochs", "2",
+                         "--only-classes", "swipe_left,swipe_right"))
+    summary = load_checkpoint(stage1).extra["train"]
+    assert (summary["clips"], summary["steps"], summary["only_classes"]) == (4, 4, ["swipe_left", "swipe_right"])
+    assert r1.complete and load_model(stage1, device="cpu").labels == sorted(ACTIONS)
+    r2 = train(make_args("finetune", *common, "--init", str(stage1), "--out", str(stage2), "--steps", "1"))
+    assert r2.complete and load_checkpoint(stage2).extra["train"]["clips"] == 16
+    # the head came along (labels equal): stage 2's first loss is stage 1's model's, not a fresh head's
+    head1 = load_checkpoint(stage1).model_state["head.projection.weight"]
+    init2 = _classifier(_load_init(str(stage1), None)[0], 8, keep_head=True).state_dict()["head.projection.weight"]
+    assert torch.equal(head1, init2)
+    with pytest.raises(ValueError, match=r"--only-classes \['jump'\] not in"):
+        train(make_args("finetune", *common, "--init", str(pretrained[0]), "--out", str(tmp_path / "x.pt"),
+                        "--only-classes", "swipe_left,jump"))
+
+
 def test_finetune_init_takes_the_mae_encoder(pretrained):
     mae, meta = _load_init(str(pretrained[0]), None)
     assert isinstance(mae, HieraMAE) and meta["kind"] == "mae"
