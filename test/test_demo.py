@@ -35,11 +35,12 @@ def test_summary_figures():
 
     stats = DemoStats(received_s=[10.0, 10.5, 11.0, 11.5, 12.0], latencies_s=[0.05, 0.06, 0.07, 0.08, 0.5],
                       scored=[(True, True), (True, True), (False, False), (True, True)],
-                      truth_stamps=31, truth_span_ns=(0, 10**9))
+                      truth_stamps=31, truth_span_ns=(0, 10**9), versions=["m@0", "m@1", "m@2"])
     s = stats.summary()
     assert s == {"clips": 5, "seconds": 2.0, "clips_per_s": 2.0, "scored_clips": 4, "correct_share": 0.75,
                  "single_action_clips": 3, "single_action_correct_share": 1.0, "latency_p50_ms": 70.0,
-                 "latency_p95_ms": 416.0, "latency_p99_ms": 483.2, "camera_fps": 30.0}
+                 "latency_p95_ms": 416.0, "latency_p99_ms": 483.2, "camera_fps": 30.0,
+                 "encoder_versions": ["m@0", "m@1", "m@2"], "encoder_swaps": 2}
     assert format_summary(s) == (
         "summary: 5 clips in 2.0 s (2.00 clips/s); top label = true action for 75.0% of the 4 clips after the "
         "first second (100.0% of the 3 within one action); latency p50 70 ms, p95 416 ms; camera 30.0 fps")

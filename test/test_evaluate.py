@@ -24,7 +24,7 @@ def folder(tmp_path_factory):
     """16 clips whose labels the test rewrites: 5 say "wave", 9 other actions, 2 unlabelled."""
     out = tmp_path_factory.mktemp("eval_data")
     write_dataset(out, 16, seed=11, seconds=1.0, size=(48, 64), progress=False)
-    labels = ["wave"] * 5 + ["idle", "idle", "idle", "swipe_left", "swipe_left", "circle_cw", "recede", "recede",
+    labels = ["wave"] * 5 + ["idle", "idle", "idle", "swipe_left", "swipe_left", "circle", "swipe_up", "swipe_up",
                              "approach"] + ["", ""]
     rows = [f"clip_{i:06d}{next(out.glob('clip_000000.*')).suffix},{label}" for i, label in enumerate(labels)]
     (out / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
@@ -38,15 +38,15 @@ def test_exact_figures_for_a_controlled_model(folder, always_wave):
     assert report["labels"] == NAMES and report["encoder_version"] == "always_wave@3"
     assert report["frame_stride_s"] == 0.1 and report["batch"] == 3 and report["clips_per_s"] > 0
     want = np.zeros((8, 8), int)
-    for name, n in {"wave": 5, "idle": 3, "swipe_left": 2, "circle_cw": 1, "recede": 2, "approach": 1}.items():
+    for name, n in {"wave": 5, "idle": 3, "swipe_left": 2, "circle": 1, "swipe_up": 2, "approach": 1}.items():
         want[NAMES.index(name), 0] = n  # everything predicted as wave (column 0)
     assert report["confusion"] == want.tolist()
     assert report["per_class"] == {
         "wave": {"clips": 5, "correct": 5, "accuracy": 1.0},
         "swipe_left": {"clips": 2, "correct": 0, "accuracy": 0.0},
         "approach": {"clips": 1, "correct": 0, "accuracy": 0.0},
-        "recede": {"clips": 2, "correct": 0, "accuracy": 0.0},
-        "circle_cw": {"clips": 1, "correct": 0, "accuracy": 0.0},
+        "swipe_up": {"clips": 2, "correct": 0, "accuracy": 0.0},
+        "circle": {"clips": 1, "correct": 0, "accuracy": 0.0},
         "idle": {"clips": 3, "correct": 0, "accuracy": 0.0},
     }
     two = evaluate(Engine(str(always_wave), device="cpu", top_k=1), folder, batch=8, clips_per_video=2)
