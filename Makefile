@@ -75,6 +75,6 @@ distclean: clean
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST $(PY) -m hiera_perception demo $(ARGS)
 
-# Rebuild models/hiera_tiny_synthetic.pt from scratch: synth -> pretrain -> curriculum -> finetune -> decoder -> eval -> card.
+# Rebuild models/hiera_tiny_synthetic.pt from scratch: synth -> curriculum -> finetune -> MAE decoder -> eval -> card.
 embedded-model: venv
 	$(PY) tools/make_embedded_model.py

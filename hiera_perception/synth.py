@@ -306,7 +306,7 @@ class _Scene:
         self.jitter = (r.uniform(0.3, 2.5, (4, 3)), r.uniform(0, 2 * np.pi, (4, 3)))  # x, y, angle, scale
         self.shake = (r.uniform(0, self.margin), r.uniform(2, 8, (2, 2)), r.uniform(0, 2 * np.pi, (2, 2)))
         self.t0 = r.uniform(0, 20)  # start offset into the motion
-        self._fit = r.uniform(0, 1)  # where in a pass a scene of known duration starts
+        self._pass_offset = r.uniform(0, 1)  # where in a pass a scene of known duration starts
         if duration is not None:
             self.fit(duration)
         shape = str(r.choice(SHAPES))
@@ -344,9 +344,9 @@ class _Scene:
         """Show the scene from t = 0 for `duration` s, phased so no pass restarts inside it (if one is long enough)."""
         self.t0 = 0.0
         if self.action.startswith("swipe"):  # any start that leaves the pass before the wrap
-            self.phase = self._fit * max(0.0, 1.0 - duration / self.swipe[0])
+            self.phase = self._pass_offset * max(0.0, 1.0 - duration / self.swipe[0])
         elif self.action == "approach":  # the same, clear of the fades at both ends
-            self.phase = _FADE + self._fit * max(0.0, 1.0 - 2 * _FADE - duration / self.loom_period)
+            self.phase = _FADE + self._pass_offset * max(0.0, 1.0 - 2 * _FADE - duration / self.loom_period)
 
     def pose(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Actor centre x, y (px), log scale, angle (degrees) and opacity at times ts [n]."""

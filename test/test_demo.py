@@ -88,6 +88,12 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
     assert float(share) == pytest.approx(100 * correct / int(scored), abs=0.06)
     assert len({m.group(4) for m in lines}) == 1, "one encoder version throughout"
     if embedded:
-        assert float(share) >= 80.0, "the embedded model names the synthetic actions"
+        # The model's claim is on clips within one action (100% of 80 in a quiet 60 s run). A clip across an action
+        # change is scored by its majority action and about half of those are wrong; in 8 s, which clips straddle
+        # depends on start-up timing, so the overall share only has a floor (84.9% over 60 s; once 8 s fell
+        # under the 80% this test used to ask).
+        single = [m.group(6) for t, m in zip(times, lines) if t >= 1.0 and m.group(6) and not m.group(7)]
+        assert len(single) >= 5 and single.count("ok") >= 0.9 * len(single), "the embedded model names the actions"
+        assert float(share) >= 70.0
     else:
         assert lines[0].group(4) == "rnd@0"

@@ -71,23 +71,22 @@ def stages(r: dict, work: Path) -> list[tuple[str, list[str]]]:
     """(name, hiera-perception arguments) of every stage, in order."""
     s, h, f, d, e = r["synth"], r["heldout"], r["finetune"], r["decoder"], r["eval"]
     synth = ["--size", s["size"], "--seconds", str(s["seconds"]), "--fps", str(s["fps"]), "--no-progress"]
+    # every finetune stage (curriculum and final) trains with the same optimiser settings
+    tune = ["--model-id", NAME, "--batch", str(f["batch"]), "--lr", str(f["lr"]), "--label-smoothing",
+            str(f["label_smoothing"]), "--seed", str(f["seed"]), "--no-progress"]
     curriculum, init = [], ["--config", r["config"], "--frame-stride", str(r["frame_stride_s"])]  # random weights
     for i, c in enumerate(r["curriculum"]):
         out = f"{work}/curriculum{i}.pt"
-        curriculum.append((f"curriculum{i}", [
-            "finetune", "--data", f"{work}/train", *init, "--out", out, "--model-id", NAME, "--only-classes",
-            c["classes"], "--steps", str(c["steps"]), "--batch", str(f["batch"]), "--lr", str(f["lr"]),
-            "--label-smoothing", str(f["label_smoothing"]), "--seed", str(f["seed"]), "--no-progress"]))
+        curriculum.append((f"curriculum{i}", ["finetune", "--data", f"{work}/train", *init, "--out", out,
+                                              "--only-classes", c["classes"], "--steps", str(c["steps"]), *tune]))
         init = ["--init", out]
     return [
         ("synth", ["synth", "--out", f"{work}/train", "--clips", str(s["clips"]), "--seed", str(s["seed"]), *synth]),
         ("synth_heldout", ["synth", "--out", f"{work}/heldout", "--clips", str(h["clips"]), "--seed", str(h["seed"]),
                            *synth]),
         *curriculum,
-        ("finetune", ["finetune", "--data", f"{work}/train", *init, "--out",
-                      f"{work}/finetuned.pt", "--model-id", NAME, "--epochs", str(f["epochs"]), "--batch",
-                      str(f["batch"]), "--lr", str(f["lr"]), "--label-smoothing", str(f["label_smoothing"]), "--seed",
-                      str(f["seed"]), "--no-progress"]),
+        ("finetune", ["finetune", "--data", f"{work}/train", *init, "--out", f"{work}/finetuned.pt", "--epochs",
+                      str(f["epochs"]), *tune]),
         ("decoder", ["pretrain", "--data", f"{work}/train", "--init", f"{work}/finetuned.pt", "--freeze-encoder",
                      "--out", f"{work}/{NAME}.pt", "--epochs", str(d["epochs"]), "--batch", str(d["batch"]), "--lr",
                      str(d["lr"]), "--mask-ratio", str(d["mask_ratio"]), "--seed", str(d["seed"]), "--no-progress"]),
