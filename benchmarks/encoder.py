@@ -13,6 +13,7 @@ import torch
 
 from benchmarks.common import interleaved, oracle, write_result
 from hiera_perception.config import get_config
+from hiera_perception.engine import CudaGraph
 from hiera_perception.model import Hiera
 
 
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    p.add_argument("--cuda-graph", action="store_true", help="also time ours replayed from a CUDA graph (GPU)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
 
 
@@ -55,15 +57,27 @@ def run(args) -> dict:
                         return m(x)
                 return f
 
-            res = interleaved({k: call(m) for k, m in fns_models.items()}, args.repeats, args.warmup, device)
+            fns = {k: call(m) for k, m in fns_models.items()}
+            if args.cuda_graph and device.type == "cuda":
+                def forward(inp, m=ours):
+                    with (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+                          if args.precision == "bf16" else contextlib.nullcontext()):
+                        out = m(inp)
+                    return out.embedding, out.logits
+                graph = CudaGraph(forward, x)
+                fns["ours_graph"] = lambda: graph(x)
+            res = interleaved(fns, args.repeats, args.warmup, device)
             row = {"config": name, "batch": b, **{k: v for k, v in res.items()},
                    "speedup_vs_official": res["official"]["median_ms"] / res["ours"]["median_ms"],
                    "ours_clips_per_s": b * 1e3 / res["ours"]["median_ms"],
                    "official_clips_per_s": b * 1e3 / res["official"]["median_ms"]}
-            print(f"{name} b={b} {args.precision}: ours {res['ours']['median_ms']:.1f} ms, official "
-                  f"{res['official']['median_ms']:.1f} ms, x{row['speedup_vs_official']:.2f}")
+            for k in ("ours_compiled", "ours_graph"):
+                if k in res:
+                    row[f"speedup_{k}_vs_official"] = res["official"]["median_ms"] / res[k]["median_ms"]
+            print(f"{name} b={b} {args.precision}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in res.items())
+                  + f", ours x{row['speedup_vs_official']:.2f}")
             rows.append(row)
-            del x
+            del fns
         del official, ours, fns_models
         if device.type == "cuda":
             torch.cuda.empty_cache()

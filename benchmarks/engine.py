@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model source (default: the embedded model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay captured CUDA graphs (GPU; the Engine's default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward (GPU)")
     p.add_argument("--fps", type=float, default=30.0)
     p.add_argument("--hop", type=float, default=0.25, help="seconds between clips")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the simulated stream")
@@ -64,7 +67,8 @@ def memory_summary(samples: list[tuple[float, float]]) -> dict:
 def run(args) -> dict:
     if args.minutes is not None:
         args.seconds = 60.0 * args.minutes
-    engine = Engine(args.model, device=args.device, precision=args.precision)
+    engine = Engine(args.model, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph,
+                    compile=args.compile)
     buf = ClipBuffer(engine.num_frames, engine.frame_stride_s, args.hop, max_gap_s=1.0, frame_size=engine.size)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8) for _ in range(8)]
@@ -72,7 +76,7 @@ def run(args) -> dict:
         engine.infer([[frames[0]] * engine.num_frames])
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    lat_ms, infer_ms, late = [], [], 0
+    lat_ms, infer_ms, push_ms, late = [], [], [], 0
     n = int(args.seconds * args.fps)
     t_start = time.perf_counter()
     mem = [(0.0, rss_mb())]
@@ -87,7 +91,10 @@ def run(args) -> dict:
             elif wait < -1.0 / args.fps:
                 late += 1  # the engine kept us past this frame's slot: it would be dropped live
         t_push = time.perf_counter()
-        for clip in buf.push(i / args.fps, frames[i % len(frames)]):
+        clips = buf.push(i / args.fps, frames[i % len(frames)])
+        if clips:
+            push_ms.append((time.perf_counter() - t_push) * 1e3)  # the completing frame's resize is on the path
+        for clip in clips:
             t0 = time.perf_counter()
             engine.infer([clip.frames])
             t1 = time.perf_counter()
@@ -96,21 +103,23 @@ def run(args) -> dict:
     wall = time.perf_counter() - t_start
     mem.append((wall, rss_mb()))
     res = {"model": engine.encoder_version, "config": engine.model.config.name, "device": args.device,
-           "precision": args.precision, "fps_in": args.fps, "hop_s": args.hop, "frames": n, "clips": len(lat_ms),
+           "precision": args.precision, "cuda_graph": engine.cuda_graph, "compile": args.compile, "fps_in": args.fps, "hop_s": args.hop, "frames": n, "clips": len(lat_ms),
            "frame_size": [args.height, args.width], "realtime": args.realtime, "frames_late": late,
            "clips_per_s": len(lat_ms) / wall, "wall_s": wall,
-           "latency": percentiles(lat_ms), "infer": percentiles(infer_ms), "memory": memory_summary(mem)}
+           "latency": percentiles(lat_ms), "infer": percentiles(infer_ms), "push": percentiles(push_ms), "memory": memory_summary(mem)}
     if engine.device.type == "cuda":
         res["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
     m = res["memory"]
     growth = "-" if m["rss_growth_mb_per_min"] is None else f"{m['rss_growth_mb_per_min']:+.2f}"
     res["title"] = "Engine latency (uint8 frames in, labels out, no ROS)"
-    res["table"] = {"columns": ["model", "device", "precision", "fps in", "clips", "p50 ms", "p95 ms", "p99 ms", "late frames",
+    mode = "+".join(k for k, on in (("cuda graph", engine.cuda_graph), ("compile", args.compile)) if on) or "eager"
+    res["table"] = {"columns": ["model", "device", "precision", "mode", "fps in", "clips", "p50 ms", "p95 ms", "p99 ms", "late frames",
                                 "minutes", "peak RSS MB", "RSS growth MB/min"],
-                    "rows": [[res["config"], args.device, args.precision, args.fps, res["clips"],
+                    "rows": [[res["config"], args.device, args.precision, mode,
+                              args.fps if args.realtime else "saturated", res["clips"],
                               *(f"{res['latency'][k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")), late,
                               f"{wall / 60:.1f}", f"{m['rss_peak_mb']:.0f}", growth]]}
-    print(f"{res['config']} {args.device} {args.precision}: {res['clips']} clips, latency p50 "
+    print(f"{res['config']} {args.device} {args.precision} {mode}: {res['clips']} clips, latency p50 "
           f"{res['latency']['p50_ms']:.1f} ms, p95 {res['latency']['p95_ms']:.1f} ms, late frames {late}")
     return res
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU benchmark set in one prepared run (< 8 minutes on an H100/H200), results under $OUT.
+# The GPU benchmark set in one prepared run (about 5 minutes on an H200), results under $OUT (or benchmarks/results).
 #
-# On a lent GPU machine (no network; its own Python with torch): put the wheels it lacks in .gpu_wheels/
-# (hiera-transformer for the official baseline, tqdm), ignored by git, and carry that folder:
-#     pip download --no-deps -d .gpu_wheels hiera-transformer==0.1.4 tqdm
-#     run: bash benchmarks/gpu.sh          (carry: .gpu_wheels)
+# On a lent GPU machine (no network; its own Python with torch, timm, tqdm, OpenCV): put the wheels it
+# lacks in .gpu_wheels/ (hiera-transformer for the official baseline), ignored by git, and carry it:
+#     pip download --no-deps -d .gpu_wheels hiera-transformer==0.1.4
+#     run: bash benchmarks/gpu.sh          (carry: .gpu_wheels; results in $OUT/gpu_results.tar.gz)
 # Checked on CPU before any GPU time is spent:
 #     bash benchmarks/gpu.sh --device cpu --dry-run
 set -euo pipefail
@@ -20,33 +20,44 @@ for arg in "$@"; do
   esac
 done
 PY=${PYTHON:-python3}
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ls .gpu_wheels/*.whl >/dev/null 2>&1; then
+# The device tool brings back at most 8 files from $OUT: results go to $OUT/results and come back as one tarball.
+RESULTS=benchmarks/results
+if [ -n "${OUT:-}" ]; then RESULTS="$OUT/results"; fi
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ "$DRY" = 0 ] && ls .gpu_wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install --quiet --no-deps --no-index .gpu_wheels/*.whl
 fi
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-$PY - <<'PY' >"$OUT/gpu_env.txt" 2>&1 || true
-import subprocess, torch
-print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")
-print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
-PY
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>/dev/null || true
 
 if [ "$DRY" = 1 ]; then
-  BASE=hiera_tiny_8x64; REPEATS=2; SECONDS_ENGINE=2; BIG=4
+  BASE=hiera_tiny_8x64; REPEATS=2; SECONDS_ENGINE=2; BATCHES="1 4"
 else
-  BASE=hiera_base_16x224; REPEATS=20; SECONDS_ENGINE=15; BIG=32
+  BASE=hiera_base_16x224; REPEATS=20; SECONDS_ENGINE=10; BATCHES="1 8 32 64"
 fi
-step() { echo "== $*"; timeout 300 "$@" || echo "!! failed: $*"; }
-# encoder latency and throughput, ours vs official eager, same weights; then ours under torch.compile
-step $PY -m benchmarks encoder --device "$DEVICE" --precision bf16 --configs $BASE --batch 1 $BIG \
-  --repeats $REPEATS --compile --out "$OUT"
+# Every step has its own time limit and writes its own file, so one failure costs only its numbers.
+step() { echo "== $*"; timeout 200 "$@" || echo "!! failed: $*"; }
+# encoder, ours vs official eager, same weights: eager and replayed from a CUDA graph; then torch.compile
+step $PY -m benchmarks encoder --device "$DEVICE" --precision bf16 --configs $BASE --batch $BATCHES \
+  --repeats $REPEATS --cuda-graph --out "$RESULTS"
 step $PY -m benchmarks encoder --device "$DEVICE" --precision fp32 --configs $BASE --batch 1 \
-  --repeats $REPEATS --out "$OUT"
-# MAE training step, mask ratio 0.9
+  --repeats $REPEATS --cuda-graph --out "$RESULTS"
+# MAE training step, mask ratio 0.9: eager, then with the forward compiled
 step $PY -m benchmarks mae_step --device "$DEVICE" --precision bf16 --configs $BASE --batch 8 \
-  --repeats $((REPEATS / 2 > 1 ? REPEATS / 2 : 2)) --out "$OUT"
-# engine: 640x480 uint8 frames at 30 fps in, labels out
-step $PY -m benchmarks engine --model $BASE --device "$DEVICE" --precision bf16 --seconds $SECONDS_ENGINE --out "$OUT"
-ls -l "$OUT"
+  --repeats $REPEATS --out "$RESULTS"
+# engine: 640x480 uint8 frames at 30 fps in, labels out: eager, CUDA graph replay, compiled + replayed;
+# paced at 30 fps (a robot's view: the GPU idles between clips) and saturated (clips back to back)
+ENGINE="$PY -m benchmarks engine --model $BASE --device $DEVICE --precision bf16 --out $RESULTS"
+step $ENGINE --seconds $SECONDS_ENGINE --no-cuda-graph
+step $ENGINE --seconds $SECONDS_ENGINE --name "engine_${DEVICE%%:*}_bf16_graph"
+step $ENGINE --seconds $SECONDS_ENGINE --no-realtime --name "engine_${DEVICE%%:*}_bf16_graph_saturated"
+step $ENGINE --seconds $((SECONDS_ENGINE * 3)) --compile --name "engine_${DEVICE%%:*}_bf16_graph_compile"
+step $ENGINE --seconds $SECONDS_ENGINE --compile --no-realtime --name "engine_${DEVICE%%:*}_bf16_graph_compile_saturated"
+# compiled variants last: their compile time is the least predictable
+step $PY -m benchmarks encoder --device "$DEVICE" --precision bf16 --configs $BASE --batch 1 \
+  --repeats $REPEATS --compile --name "encoder_${DEVICE%%:*}_bf16_compile" --out "$RESULTS"
+step $PY -m benchmarks mae_step --device "$DEVICE" --precision bf16 --configs $BASE --batch 8 \
+  --repeats $REPEATS --compile --name "mae_step_${DEVICE%%:*}_bf16_compile" --out "$RESULTS"
+ls -l "$RESULTS"
+if [ -n "${OUT:-}" ]; then tar -czf "$OUT/gpu_results.tar.gz" -C "$RESULTS" . && echo "packed $OUT/gpu_results.tar.gz"; fi

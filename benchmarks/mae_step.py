@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--name", default=None, help="results file name (default mae_step_<device>_<precision>)")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the forward")
     p.add_argument("--out", default=None)
 
 
@@ -54,18 +56,26 @@ def run(args) -> dict:
 
         opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-6)
         opt_off = torch.optim.AdamW(official.parameters(), lr=1e-6)
-        res = interleaved({
+        fns = {
             "ours": step(ours, opt_ours, lambda m: m.forward_keep(x, keep).loss),
             "official": step(official, opt_off, lambda m: m(x, mask=keep)[0]),
-        }, args.repeats, args.warmup, device)
+        }
+        if args.compile:
+            fwd = torch.compile(ours.forward_keep)
+            fns["ours_compiled"] = step(ours, opt_ours, lambda m: fwd(x, keep).loss)
+        res = interleaved(fns, args.repeats, args.warmup, device)
         row = {"config": name, "batch": args.batch, "mask_ratio": args.mask_ratio, **res,
                "speedup_vs_official": res["official"]["median_ms"] / res["ours"]["median_ms"]}
-        print(f"{name} MAE step b={args.batch}: ours {res['ours']['median_ms']:.1f} ms, official "
-              f"{res['official']['median_ms']:.1f} ms, x{row['speedup_vs_official']:.2f}")
+        if "ours_compiled" in res:
+            row["speedup_ours_compiled_vs_official"] = res["official"]["median_ms"] / res["ours_compiled"]["median_ms"]
+        print(f"{name} MAE step b={args.batch}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in res.items())
+              + f", ours x{row['speedup_vs_official']:.2f}")
         rows.append(row)
-        del official, ours, opt_ours, opt_off
+        del official, ours, opt_ours, opt_off, fns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return {"device": args.device, "precision": args.precision, "rows": rows}
 
 
 def main(args) -> None:
-    write_result(f"mae_step_{torch.device(args.device).type}_{args.precision}", run(args), args.out)
+    write_result(args.name or f"mae_step_{torch.device(args.device).type}_{args.precision}", run(args), args.out)

@@ -26,42 +26,67 @@ def _machine(m: dict) -> str:
     return f"{m.get('cpu', '?')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads){gpu}, torch {m.get('torch')}, {m.get('date', '')[:10]}"
 
 
+VARIANTS = {"ours_graph": "ours, CUDA graph", "ours_compiled": "ours, torch.compile"}
+
+
 def _speed_table(res: dict, title: str) -> list[str]:
+    extra = [k for k in VARIANTS if any(k in r for r in res["rows"])]
+    cols = ["config", "batch", "ours ms (p10–p90)", "official ms (p10–p90)", "speed-up", "ours clips/s"]
+    cols += [f"{VARIANTS[k]} ms (speed-up)" for k in extra]
     lines = [f"**{title}** — {res['device']} {res['precision']}; {_machine(res['machine'])}", "",
-             "| config | batch | ours ms (p10–p90) | official ms (p10–p90) | speed-up | ours clips/s |",
-             "|---|---|---|---|---|---|"]
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in res["rows"]:
         o, f = r["ours"], r["official"]
         rate = r["batch"] * 1e3 / o["median_ms"]
-        lines.append(f"| {r['config']} | {r['batch']} | {o['median_ms']:.1f} ({o['p10_ms']:.1f}–{o['p90_ms']:.1f}) | "
-                     f"{f['median_ms']:.1f} ({f['p10_ms']:.1f}–{f['p90_ms']:.1f}) | **{r['speedup_vs_official']:.2f}x** | "
-                     f"{rate:.1f} |")
+        cells = [r["config"], r["batch"], f"{o['median_ms']:.1f} ({o['p10_ms']:.1f}–{o['p90_ms']:.1f})",
+                 f"{f['median_ms']:.1f} ({f['p10_ms']:.1f}–{f['p90_ms']:.1f})", f"**{r['speedup_vs_official']:.2f}x**",
+                 f"{rate:.1f}"]
+        cells += [f"{r[k]['median_ms']:.1f} ({f['median_ms'] / r[k]['median_ms']:.2f}x)" if k in r else "–"
+                  for k in extra]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines + [""]
 
 
-def _generic_table(res: dict) -> list[str]:
-    """Benchmarks other than ours-vs-official give `table`: {"columns": [...], "rows": [[...], ...]}."""
+def _generic_table(results: list[tuple[str, dict]]) -> list[str]:
+    """Benchmarks other than ours-vs-official give `table`: {"columns": [...], "rows": [[...], ...]}. Files of one
+    kind on one machine share a table, a row per file."""
+    res = results[0][1]
     t = res["table"]
     lines = [f"**{res.get('title', res['benchmark'])}** — {_machine(res['machine'])}", "",
              "| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in t["rows"]]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for _, r in results for row in r["table"]["rows"]]
     return lines + [""]
+
+
+def _sources(names: list[str]) -> str:
+    return "<sub>from " + ", ".join(f"`benchmarks/results/{n}`" for n in names) + "</sub>"
 
 
 def render(folder: Path) -> str:
     out = []
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
     for path in sorted(folder.glob("*.json")):
         res = json.loads(path.read_text())
         name = res.get("benchmark", path.stem)
         if name.startswith("encoder_"):
-            out += _speed_table(res, "Encoder forward")
+            out += _speed_table(res, "Encoder forward") + [_sources([path.name]), ""]
         elif name.startswith("mae_step_"):
             out += _speed_table(res, "MAE training step (forward + backward + AdamW, mask 0.9)")
+            out += [_sources([path.name]), ""]
         elif "table" in res:
-            out += _generic_table(res)
-        out.append(f"<sub>from `benchmarks/results/{path.name}`</sub>")
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+            m = res["machine"]
+            key = (res.get("title", name), tuple(res["table"]["columns"]), m.get("cpu"), m.get("gpu"), m.get("torch"))
+            if key not in groups:
+                groups[key] = []
+                out.append(key)  # placeholder: the group's table goes where its first file sorts
+            groups[key].append((path.name, res))
+    text = []
+    for item in out:
+        if isinstance(item, tuple):
+            text += _generic_table(groups[item]) + [_sources([n for n, _ in groups[item]]), ""]
+        else:
+            text.append(item)
+    return "\n".join(text).rstrip() + "\n"
 
 
 def main(args) -> None:

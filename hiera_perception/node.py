@@ -120,7 +120,8 @@ class PerceptionNode(Node):
         elif cfg.adaptation_enabled:
             mae_state = decoder_state_of(base)
         try:
-            self._engine = Engine(model, cfg.device, cfg.precision, cfg.top_k, str(self._prototypes_file))
+            self._engine = Engine(model, cfg.device, cfg.precision, cfg.top_k, str(self._prototypes_file),
+                                  cuda_graph=cfg.cuda_graph, compile=cfg.compile)
         except (ValueError, OSError) as e:  # the model loaded: what fails here is the taught labels' file
             raise ConfigError(f"parameter prototypes_file {str(self._prototypes_file)!r}: {e}") from None
         stride = cfg.frame_stride_s or self._engine.frame_stride_s

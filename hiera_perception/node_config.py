@@ -34,6 +34,8 @@ class NodeConfig:
     arch: str
     device: str
     precision: str
+    cuda_graph: bool
+    compile: bool
     top_k: int
     frame_stride_s: float
     hop_s: float
@@ -81,6 +83,10 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "arch": ("", _desc('Config name for an official .pth checkpoint (e.g. hiera_base_16x224); "" = from the file')),
     "device": ("auto", _desc("auto (cuda when available), cpu, cuda or cuda:N")),
     "precision": ("fp32", _desc(f"Inference precision: {' | '.join(PRECISIONS)}")),
+    "cuda_graph": (True, _desc("On a GPU, replay the encoder from a captured CUDA graph (one launch per clip; "
+                               "ignored on CPU)")),
+    "compile": (False, _desc("On a GPU, torch.compile the encoder at start (tens of seconds; then a faster "
+                             "forward; ignored on CPU)")),
     "top_k": (5, _desc("Labels (best first) in each message; can change at run time", 1, 1000)),
     "frame_stride_s": (0.0, _desc("Seconds between a clip's frames on the camera timeline; 0 = the model's own",
                                   0.0, 10.0)),

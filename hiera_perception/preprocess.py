@@ -1,7 +1,7 @@
 """Frames to model input: resize the short side, centre crop, normalise (mean 0.45 / std 0.225).
 
-One function, `preprocess_clip`, serves the node, the CLI, evaluation and training, so the model
-always sees what it was trained on. Cropping the centred square *before* resizing is the same
+One path serves the node, the CLI, evaluation and training, so the model always sees what it was
+trained on: `crop_resize` on the host (uint8), `to_device`, then `normalize` on the device. Cropping the centred square *before* resizing is the same
 operation as "resize short side to S, centre crop S x S" (up to sub-pixel rounding of the crop
 offset) and resizes fewer pixels. `crop_resize` is exposed so the clip buffer can shrink frames as
 they arrive and store each one once, small.
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["crop_resize", "preprocess_clip", "MEAN", "STD"]
+__all__ = ["crop_resize", "to_device", "normalize", "preprocess_clip", "MEAN", "STD"]
 
 MEAN = (0.45, 0.45, 0.45)
 STD = (0.225, 0.225, 0.225)
@@ -41,6 +41,30 @@ def crop_resize(frame: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(square, (size, size), interpolation=interp)
 
 
+def to_device(clips: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """uint8 array -> tensor on `device`; to a GPU through pinned memory, without blocking the host."""
+    x = torch.from_numpy(np.ascontiguousarray(clips))
+    device = torch.device(device)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x
+
+
+def normalize(clips: torch.Tensor, mean: Sequence[float] | torch.Tensor = MEAN, std: Sequence[float] | torch.Tensor = STD,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 clips [B, T, S, S, 3] -> normalised model input [B, 3, T, S, S], on the clips' device.
+
+    Pure tensor arithmetic (no host sync), so it can run inside a captured CUDA graph.
+    """
+    if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
+        raise ValueError(f"expected uint8 clips [B, T, S, S, 3], got {clips.dtype} {list(clips.shape)}")
+    x = clips.permute(0, 4, 1, 2, 3).to(dtype)  # -> [B, 3, T, S, S]
+    # mean/std may be given as tensors already on the device: no host-to-device copy (graph capture forbids it)
+    m = torch.as_tensor(mean, device=x.device, dtype=dtype).view(1, 3, 1, 1, 1) * 255.0
+    s = torch.as_tensor(std, device=x.device, dtype=dtype).view(1, 3, 1, 1, 1) * 255.0
+    return (x - m) / s
+
+
 def preprocess_clip(
     frames: Sequence[np.ndarray] | np.ndarray,
     size: int,
@@ -54,11 +78,4 @@ def preprocess_clip(
     The uint8 clip travels to the device (4x fewer bytes than float) and is normalised there.
     """
     clip = np.stack([crop_resize(np.asarray(f), size) for f in frames])  # [T, S, S, 3] uint8
-    x = torch.from_numpy(clip)
-    device = torch.device(device)
-    if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    x = x.permute(3, 0, 1, 2).unsqueeze(0).to(dtype)  # [T, S, S, 3] -> [1, 3, T, S, S]
-    m = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1, 1) * 255.0
-    s = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1, 1) * 255.0
-    return (x - m) / s
+    return normalize(to_device(clip[None], device), mean, std, dtype)

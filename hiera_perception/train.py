@@ -46,6 +46,7 @@ from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_m
 from hiera_perception.config import CONFIGS, get_config
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
+from hiera_perception.preprocess import normalize
 
 __all__ = ["COMMANDS", "TrainResult", "train", "clips_to_input", "add_arguments", "main"]
 
@@ -101,17 +102,8 @@ def _init_processes(device: str) -> _Procs:
 def clips_to_input(
     clips: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """A batch of crop_resize'd uint8 clips [B, T, S, S, 3] -> normalised model input [B, 3, T, S, S].
-
-    The same arithmetic as `preprocess.preprocess_clip` (so identical numbers), for a whole batch at once.
-    """
-    if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
-        raise ValueError(f"expected uint8 clips [B, T, S, S, 3], got {clips.dtype} {list(clips.shape)}")
-    device = torch.device(device)
-    x = clips.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).to(torch.float32)  # -> [B, 3, T, S, S]
-    m = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1, 1) * 255.0
-    s = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1, 1) * 255.0
-    return (x - m) / s
+    """A batch of crop_resize'd uint8 clips [B, T, S, S, 3] -> normalised model input [B, 3, T, S, S]."""
+    return normalize(clips.to(device, non_blocking=True), mean, std)
 
 
 class _Keyed(torch.utils.data.Dataset):

@@ -1,9 +1,13 @@
 """The benchmark entry point runs and writes what the README table is rendered from (speed is not asserted)."""
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,3 +60,21 @@ def test_encoder_benchmark_batches_per_config_and_the_report_renders_them(tmp_pa
     rows = [line for line in render(tmp_path).splitlines() if line.startswith("| hiera_tiny_8x64 |")]
     assert [line.split(" | ")[1] for line in rows] == ["2", "3"]
     assert all(float(line.split(" | ")[-1].rstrip(" |")) > 0 for line in rows)  # ours clips/s
+
+
+def test_gpu_script_dry_run_on_cpu_writes_every_result(tmp_path):
+    # The GPU set is prepared here so a lent GPU session only has to run it: every step must run and write.
+    out = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", "--dry-run"], cwd=REPO, timeout=900,
+                         capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "!! failed" not in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    with tarfile.open(tmp_path / "gpu_results.tar.gz") as tar:
+        names = sorted(Path(n).name for n in tar.getnames() if n.endswith(".json"))
+    assert names == sorted([
+        "encoder_cpu_bf16.json", "encoder_cpu_fp32.json", "encoder_cpu_bf16_compile.json",
+        "mae_step_cpu_bf16.json", "mae_step_cpu_bf16_compile.json", "engine_cpu_bf16.json",
+        "engine_cpu_bf16_graph.json", "engine_cpu_bf16_graph_saturated.json", "engine_cpu_bf16_graph_compile.json",
+        "engine_cpu_bf16_graph_compile_saturated.json"])
+    for name in names:
+        res = json.loads((tmp_path / "results" / name).read_text())
+        assert res["machine"]["torch"] == torch.__version__ and res["device"] == "cpu"
