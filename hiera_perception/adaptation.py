@@ -44,7 +44,7 @@ TRAINABLE = ("all", "norms", "late")
 
 @dataclass
 class AdaptationConfig:
-    lr: float = 1e-4
+    lr: float = 1e-5  # at 1e-4 the embedded model's embeddings drifted past the guard within a round
     weight_decay: float = 0.0  # decay would pull weights to zero, away from the model that works
     mask_ratio: float = 0.75
     steps_per_round: int = 20

@@ -34,6 +34,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from hiera_perception.ros_params import declare_all, describe, spin_node
+from hiera_perception.synth import SEGMENT_S, SyntheticCamera
 
 __all__ = ["CameraPublisher", "CameraConfig", "format_true_action", "parse_true_action", "node_main",
            "add_arguments", "main"]
@@ -140,7 +141,6 @@ class _WebcamSource:
 
 class _SyntheticSource:
     def __init__(self, seed: int, size: tuple[int, int], fps: float, segment_s: tuple[float, float], shift: str):
-        from hiera_perception.synth import SyntheticCamera  # only this source needs the renderer
 
         self.camera = SyntheticCamera(seed=seed, size=size, fps=fps, segment_s=segment_s, shift=shift)
         self.fps = fps
@@ -178,7 +178,7 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "width": (0, _desc("Output width in pixels (webcam: requested from the driver); 0 = the source's", 0, 8192)),
     "height": (0, _desc("Output height in pixels; 0 = the source's (synthetic: 160 x 120)", 0, 8192)),
     "synthetic_seed": (0, _desc("Seed of the synthetic stream (the same seed gives the same stream)", 0, 2**31 - 1)),
-    "synthetic_segment_s": ([3.0, 6.0], _desc("Synthetic camera: [min, max] seconds each action lasts")),
+    "synthetic_segment_s": (list(SEGMENT_S), _desc("Synthetic camera: [min, max] seconds each action lasts")),
     "synthetic_shift": ("none", _desc("Synthetic camera: distribution shift (none, lighting, blur, noise, "
                                       "color_cast, background)")),
 }

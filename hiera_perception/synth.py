@@ -39,13 +39,16 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["ACTIONS", "SHIFTS", "SHAPES", "render_clip", "SyntheticCamera", "write_dataset", "add_arguments", "main"]
+__all__ = ["ACTIONS", "SEGMENT_S", "SHIFTS", "SHAPES", "render_clip", "SyntheticCamera", "write_dataset", "add_arguments", "main"]
 
 log = logging.getLogger(__name__)
 
 ACTIONS: tuple[str, ...] = (
     "wave", "swipe_left", "swipe_right", "swipe_up", "swipe_down", "approach", "circle", "idle",
 )  # fmt: skip
+# Seconds an action lasts on the synthetic camera: long enough that few clips span a change (a change cuts to a
+# new scene, which no training clip shows), short enough for a minute's demo to show most actions.
+SEGMENT_S = (6.0, 10.0)
 SHIFTS: tuple[str, ...] = ("none", "lighting", "blur", "noise", "color_cast", "background")
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "hand", "stick")
 _BACKGROUNDS = ("gradient", "noise", "rects", "stripes")  # seen in clean data
@@ -474,7 +477,7 @@ class SyntheticCamera:
         seed: int = 0,
         size: tuple[int, int] = (120, 160),
         fps: float = 30.0,
-        segment_s: tuple[float, float] = (3.0, 6.0),
+        segment_s: tuple[float, float] = SEGMENT_S,
         shift: str = "none",
         actions: Sequence[str] = ACTIONS,
     ):
@@ -503,9 +506,12 @@ class SyntheticCamera:
         self.action = str(rng.choice(choices))
         seconds = rng.uniform(*self.segment_s)
         self._scene = _Scene(self.action, rng, self.size, self.shift)
-        # A swipe or a looming actor shows one pass and the segment ends with it: a wrap or a restart would
-        # show the opposite motion for a moment, and no label could be right for those clips.
-        frames = max(1, round(min(seconds, self._scene.one_pass_s) * self.fps))
+        # A swipe segment ends on a whole pass (as many as its drawn length holds): the wrap between two passes
+        # keeps the direction. A looming actor shows one sweep, since its restart would show it shrinking.
+        # A segment that ended mid-pass would leave clips with no right label.
+        one = self._scene.one_pass_s
+        passes = 1 if self.action == "approach" else max(1, round(seconds / one)) if one < math.inf else None
+        frames = max(1, round((seconds if passes is None else passes * one) * self.fps))
         self._scene.fit(frames / self.fps)
         self._segment_start, self._segment_end = self._segment_end, self._segment_end + frames
 

@@ -34,16 +34,18 @@ def test_summary_figures():
     from hiera_perception.demo import DemoStats, format_summary
 
     stats = DemoStats(received_s=[10.0, 10.5, 11.0, 11.5, 12.0], latencies_s=[0.05, 0.06, 0.07, 0.08, 0.5],
-                      scored=[(True, True), (True, True), (False, False), (True, True)],
+                      scored=[(True, True, True), (True, True, True), (True, False, False), (False, True, False)],
                       truth_stamps=31, truth_span_ns=(0, 10**9), versions=["m@0", "m@1", "m@2"])
     s = stats.summary()
     assert s == {"clips": 5, "seconds": 2.0, "clips_per_s": 2.0, "scored_clips": 4, "correct_share": 0.75,
-                 "single_action_clips": 3, "single_action_correct_share": 1.0, "latency_p50_ms": 70.0,
+                 "majority_correct_share": 0.5, "single_action_clips": 3, "single_action_correct_share": 0.6667,
+                 "latency_p50_ms": 70.0,
                  "latency_p95_ms": 416.0, "latency_p99_ms": 483.2, "camera_fps": 30.0,
                  "encoder_versions": ["m@0", "m@1", "m@2"], "encoder_swaps": 2}
     assert format_summary(s) == (
         "summary: 5 clips in 2.0 s (2.00 clips/s); top label = true action for 75.0% of the 4 clips after the "
-        "first second (100.0% of the 3 within one action); latency p50 70 ms, p95 416 ms; camera 30.0 fps")
+        "first second (66.7% of the 3 within one action; 50.0% counting only the majority action of a change); "
+        "latency p50 70 ms, p95 416 ms; camera 30.0 fps")
 
 
 @pytest.mark.ros
@@ -87,13 +89,14 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
     correct = marks.count("ok")
     assert float(share) == pytest.approx(100 * correct / int(scored), abs=0.06)
     assert len({m.group(4) for m in lines}) == 1, "one encoder version throughout"
+    # a clip across a change of action prints both, in order, and is marked "~"; one within an action is not
+    assert all((">" in m.group(2)) == bool(m.group(7)) for m in lines)
     if embedded:
-        # The model's claim is on clips within one action (100% of 80 in a quiet 60 s run). A clip across an action
-        # change is scored by its majority action and about half of those are wrong; in 8 s, which clips straddle
-        # depends on start-up timing, so the overall share only has a floor (84.9% over 60 s; once 8 s fell
-        # under the 80% this test used to ask).
+        # The model's claim is on clips within one action (100% of 80 in a quiet 60 s run); across a change either
+        # action it shows on a third of its frames counts. In 8 s, how many clips straddle depends on start-up
+        # timing, so the overall share has a floor under the 90% a minute gives.
         single = [m.group(6) for t, m in zip(times, lines) if t >= 1.0 and m.group(6) and not m.group(7)]
         assert len(single) >= 5 and single.count("ok") >= 0.9 * len(single), "the embedded model names the actions"
-        assert float(share) >= 70.0
+        assert float(share) >= 80.0
     else:
         assert lines[0].group(4) == "rnd@0"

@@ -177,11 +177,13 @@ def test_camera_stream_is_deterministic_and_switches_actions():
     assert np.abs(frame.astype(int) - frames[20].astype(int)).mean() < 12  # only the sensor noise differs
 
 
-def test_camera_shows_one_pass_per_swipe_or_looming_segment():
-    # Default 3-6 s segments are longer than a pass: those segments end with their pass, so no clip the demo
-    # scores shows a wrap or a restart.
-    cam = SyntheticCamera(seed=5, size=(48, 64), fps=30.0, actions=("swipe_left", "swipe_up", "approach", "wave"))
-    seen = {}
+def test_camera_segments_end_on_whole_passes():
+    # A swipe segment is a whole number of passes (several when the drawn length holds them: the wrap between
+    # two passes of one direction keeps the direction); a looming segment is one sweep, as its restart would
+    # show a shrinking actor. So no clip the demo scores shows a half pass or a restart.
+    cam = SyntheticCamera(seed=5, size=(48, 64), fps=30.0, segment_s=(5.0, 9.0),
+                          actions=("swipe_left", "swipe_up", "approach", "wave"))
+    seen, passes = {}, []
     for _ in range(12):
         cam._next_segment()
         n = cam._segment_end - cam._segment_start
@@ -189,12 +191,16 @@ def test_camera_shows_one_pass_per_swipe_or_looming_segment():
         seen.setdefault(cam.action, []).append(n / cam.fps)
         if cam.action.startswith("swipe"):
             pos = x if cam.action == "swipe_left" else y
-            assert n / cam.fps <= cam._scene.swipe[0] + 1 / cam.fps and np.mean(np.diff(pos) < 0) > 0.8
-            assert np.all(np.diff(pos) < 1.5)
+            k = round(n / cam.fps / cam._scene.swipe[0])
+            passes.append(k)
+            assert k >= 1 and abs(n / cam.fps - k * cam._scene.swipe[0]) <= 1 / cam.fps
+            assert np.mean(np.diff(pos) < 0) > 0.8
+            assert np.sum(np.diff(pos) >= 1.5) == k - 1, "a wrap only between two passes"
         elif cam.action == "approach":
             assert np.all(opacity == 1.0) and np.all(np.diff(ls) > 0)
+            assert n / cam.fps <= cam._scene.one_pass_s + 1 / cam.fps
     assert set(seen) == {"swipe_left", "swipe_up", "approach", "wave"}
-    assert max(seen["swipe_left"] + seen["swipe_up"] + seen["approach"]) < 3.3 and min(seen["wave"]) >= 3.0
+    assert max(passes) >= 2 and max(seen["approach"]) < 3.3 and min(seen["wave"]) >= 5.0
 
 
 def test_cli_writes_a_balanced_data_folder(tmp_path):
