@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 from benchmarks.common import REPO, write_result
 
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args, extra: list[str]) -> dict:
+    if "adaptation.enabled=true" in extra:  # a fresh version folder: no run resumes what an earlier one adapted
+        extra = [*extra, "--param", f"adaptation.dir={tempfile.mkdtemp(prefix='hiera_node_bench_')}"]
     cmd = [sys.executable, "-m", "hiera_perception", "demo", "--duration", str(args.seconds), "--json",
            "--top-k", "1", *(["--model", args.model] if args.model else []), *extra]
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
