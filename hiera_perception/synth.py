@@ -15,8 +15,9 @@ one class (circle) and one direction (approach).
 
 Swipes and approach are periodic passes (a swipe re-enters at the far edge, a looming actor fades out
 and restarts). A restart inside a clip shows the opposite motion for a moment, so a scene shown for a
-known `duration` (a clip, a camera segment) is phased to fit inside one pass, and a pass lasts longer
-than a clip: a clip shows one direction only. Backgrounds are plain walls; the busy `background` shift
+known `duration` (a clip) is phased to fit inside one pass, and a pass lasts longer than a clip: a clip shows
+one direction only. The camera's swipe segments hold whole passes (the wrap keeps the direction) and its
+approach segments one sweep; two in three of its changes of action keep the scene (`SAME_LOOK`). Backgrounds are plain walls; the busy `background` shift
 (checkerboard and actor-like clutter) is what the clean world never shows.
 
 Everything is a pure function of time given a clip's parameters, so a clip (`render_clip`) and the endless
@@ -39,7 +40,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["ACTIONS", "SEGMENT_S", "SHIFTS", "SHAPES", "render_clip", "SyntheticCamera", "write_dataset", "add_arguments", "main"]
+__all__ = ["ACTIONS", "SAME_LOOK", "SEGMENT_S", "SHIFTS", "SHAPES", "render_clip", "SyntheticCamera", "write_dataset", "add_arguments", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ ACTIONS: tuple[str, ...] = (
 # Seconds an action lasts on the synthetic camera: long enough that few clips span a change (a change cuts to a
 # new scene, which no training clip shows), short enough for a minute's demo to show most actions.
 SEGMENT_S = (6.0, 10.0)
+# Chance that the next action happens in the same scene (room, light, actor), as on a robot's camera; else a cut.
+SAME_LOOK = 2 / 3
 SHIFTS: tuple[str, ...] = ("none", "lighting", "blur", "noise", "color_cast", "background")
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "hand", "stick")
 _BACKGROUNDS = ("gradient", "noise", "rects", "stripes")  # seen in clean data
@@ -343,6 +346,22 @@ class _Scene:
             return self.loom_period * (1.0 - 2 * _FADE)
         return math.inf
 
+    # What a scene looks like, as opposed to how its actor moves: `keep_look` carries these over.
+    _LOOK = ("margin", "bg", "sprite", "diam", "log_range", "static_log_scale", "angle0", "shake", "gamma", "gain",
+             "field", "tint", "flicker", "_noise", "salt", "kernel")
+
+    def keep_look(self, before: "_Scene", at_s: float) -> None:
+        """Look like `before` (room, lighting, camera, actor) and start where its actor was at `at_s`: the same
+        person changing what they do, instead of a cut to another scene."""
+        for name in self._LOOK:
+            setattr(self, name, getattr(before, name))
+        x, y, _, _, _ = before.pose(np.array([at_s]))
+        side = min(self.h, self.w)
+        ox, oy = (self.w - side) / 2, (self.h - side) / 2
+        # only a point inside the kept square (a swipe ends outside it): the new motion centres there
+        if ox + 0.2 * side <= x[0] <= ox + 0.8 * side and oy + 0.2 * side <= y[0] <= oy + 0.8 * side:
+            self.cx, self.cy = float(x[0]), float(y[0])
+
     def fit(self, duration: float) -> None:
         """Show the scene from t = 0 for `duration` s, phased so no pass restarts inside it (if one is long enough)."""
         self.t0 = 0.0
@@ -505,7 +524,10 @@ class SyntheticCamera:
         choices = [a for a in self.actions if a != self.action] or list(self.actions)
         self.action = str(rng.choice(choices))
         seconds = rng.uniform(*self.segment_s)
+        before = self._scene
         self._scene = _Scene(self.action, rng, self.size, self.shift)
+        if before is not None and rng.random() < SAME_LOOK:
+            self._scene.keep_look(before, (self._segment_end - self._segment_start) / self.fps)
         # A swipe segment ends on a whole pass (as many as its drawn length holds): the wrap between two passes
         # keeps the direction. A looming actor shows one sweep, since its restart would show it shrinking.
         # A segment that ended mid-pass would leave clips with no right label.

@@ -237,3 +237,25 @@ def test_cli_unlabeled_and_shifted_reproduces_the_clip(tmp_path):
 def test_cli_rejects_a_bad_size(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["synth", "--out", str(tmp_path), "--clips", "1", "--size", "4x4"])
+
+
+def test_camera_mostly_keeps_the_scene_across_a_change_of_action():
+    # Two in three changes happen in the same room with the same actor, who starts the new action where the old
+    # one left it (when that is inside the view); the rest cut to a new scene. Both kinds must occur.
+    cam = SyntheticCamera(seed=2, size=(48, 64), fps=30.0, actions=("wave", "circle", "idle", "approach"))
+    kept = cut = moved = 0
+    prev = None
+    for _ in range(30):
+        cam._next_segment()
+        scene = cam._scene
+        if prev is not None:
+            same = scene.bg is prev[0].bg
+            kept, cut = kept + same, cut + (not same)
+            if same:
+                assert scene.sprite is prev[0].sprite and scene.gamma == prev[0].gamma
+                x, y, *_ = prev[0].pose(np.array([prev[1]]))
+                inside = 16 + 0.2 * 48 <= x[0] <= 16 + 0.8 * 48 and 0.2 * 48 <= y[0] <= 0.8 * 48
+                assert not inside or (scene.cx, scene.cy) == (float(x[0]), float(y[0]))
+                moved += inside
+        prev = (scene, (cam._segment_end - cam._segment_start) / cam.fps)
+    assert kept > cut > 0 and moved > 0
