@@ -142,7 +142,7 @@ class Engine:
 
 
 class CudaGraph:
-    """`fn` on a static uint8 input, captured once as a CUDA graph and replayed: one launch per clip batch."""
+    """`fn` of one static input tensor, captured once as a CUDA graph and replayed: one launch per batch."""
 
     @torch.inference_mode()
     def __init__(self, fn, example: torch.Tensor, pool=None):
