@@ -103,18 +103,20 @@ def run(args) -> dict:
     wall = time.perf_counter() - t_start
     mem.append((wall, rss_mb()))
     res = {"model": engine.encoder_version, "config": engine.model.config.name, "device": args.device,
-           "precision": args.precision, "cuda_graph": engine.cuda_graph, "compile": args.compile, "fps_in": args.fps, "hop_s": args.hop, "frames": n, "clips": len(lat_ms),
+           "precision": args.precision, "cuda_graph": engine.cuda_graph, "compile": args.compile,
+           "fps_in": args.fps, "hop_s": args.hop, "frames": n, "clips": len(lat_ms),
            "frame_size": [args.height, args.width], "realtime": args.realtime, "frames_late": late,
            "clips_per_s": len(lat_ms) / wall, "wall_s": wall,
-           "latency": percentiles(lat_ms), "infer": percentiles(infer_ms), "push": percentiles(push_ms), "memory": memory_summary(mem)}
+           "latency": percentiles(lat_ms), "infer": percentiles(infer_ms), "push": percentiles(push_ms),
+           "memory": memory_summary(mem)}
     if engine.device.type == "cuda":
         res["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
     m = res["memory"]
     growth = "-" if m["rss_growth_mb_per_min"] is None else f"{m['rss_growth_mb_per_min']:+.2f}"
     res["title"] = "Engine latency (uint8 frames in, labels out, no ROS)"
     mode = "+".join(k for k, on in (("cuda graph", engine.cuda_graph), ("compile", args.compile)) if on) or "eager"
-    res["table"] = {"columns": ["model", "device", "precision", "mode", "fps in", "clips", "p50 ms", "p95 ms", "p99 ms", "late frames",
-                                "minutes", "peak RSS MB", "RSS growth MB/min"],
+    res["table"] = {"columns": ["model", "device", "precision", "mode", "fps in", "clips", "p50 ms", "p95 ms",
+                                "p99 ms", "late frames", "minutes", "peak RSS MB", "RSS growth MB/min"],
                     "rows": [[res["config"], args.device, args.precision, mode,
                               args.fps if args.realtime else "saturated", res["clips"],
                               *(f"{res['latency'][k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")), late,

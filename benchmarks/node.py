@@ -34,8 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args, extra: list[str]) -> dict:
-    if "adaptation.enabled=true" in extra:  # a fresh version folder: no run resumes what an earlier one adapted
-        extra = [*extra, "--param", f"adaptation.dir={tempfile.mkdtemp(prefix='hiera_node_bench_')}"]
+    # A fresh adaptation folder per run (removed after it): no run resumes what an earlier one adapted.
+    with tempfile.TemporaryDirectory(prefix="hiera_node_bench_") as versions:
+        return _run_demo(args, [*extra, "--param", f"adaptation.dir={versions}"])
+
+
+def _run_demo(args, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "hiera_perception", "demo", "--duration", str(args.seconds), "--json",
            "--top-k", "1", *(["--model", args.model] if args.model else []), *extra]
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")

@@ -41,7 +41,7 @@ def _speed_table(res: dict, title: str) -> list[str]:
         cells = [r["config"], r["batch"], f"{o['median_ms']:.1f} ({o['p10_ms']:.1f}–{o['p90_ms']:.1f})",
                  f"{f['median_ms']:.1f} ({f['p10_ms']:.1f}–{f['p90_ms']:.1f})", f"**{r['speedup_vs_official']:.2f}x**",
                  f"{rate:.1f}"]
-        cells += [f"{r[k]['median_ms']:.1f} ({f['median_ms'] / r[k]['median_ms']:.2f}x)" if k in r else "–"
+        cells += [f"{r[k]['median_ms']:.1f} ({r[f'speedup_{k}_vs_official']:.2f}x)" if k in r else "–"
                   for k in extra]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines + [""]
@@ -58,35 +58,27 @@ def _generic_table(results: list[tuple[str, dict]]) -> list[str]:
     return lines + [""]
 
 
-def _sources(names: list[str]) -> str:
-    return "<sub>from " + ", ".join(f"`benchmarks/results/{n}`" for n in names) + "</sub>"
+SPEED_TITLES = {"encoder_": "Encoder forward", "mae_step_": "MAE training step (forward + backward + AdamW, mask 0.9)"}
 
 
 def render(folder: Path) -> str:
-    out = []
-    groups: dict[tuple, list[tuple[str, dict]]] = {}
+    # Blocks in file order: a speed table per file; table files of one kind on one machine share a block.
+    blocks: dict[tuple, list[tuple[str, dict]]] = {}
     for path in sorted(folder.glob("*.json")):
         res = json.loads(path.read_text())
         name = res.get("benchmark", path.stem)
-        if name.startswith("encoder_"):
-            out += _speed_table(res, "Encoder forward") + [_sources([path.name]), ""]
-        elif name.startswith("mae_step_"):
-            out += _speed_table(res, "MAE training step (forward + backward + AdamW, mask 0.9)")
-            out += [_sources([path.name]), ""]
-        elif "table" in res:
+        if name.startswith(tuple(SPEED_TITLES)) or "table" in res:
             m = res["machine"]
-            key = (res.get("title", name), tuple(res["table"]["columns"]), m.get("cpu"), m.get("gpu"), m.get("torch"))
-            if key not in groups:
-                groups[key] = []
-                out.append(key)  # placeholder: the group's table goes where its first file sorts
-            groups[key].append((path.name, res))
-    text = []
-    for item in out:
-        if isinstance(item, tuple):
-            text += _generic_table(groups[item]) + [_sources([n for n, _ in groups[item]]), ""]
-        else:
-            text.append(item)
-    return "\n".join(text).rstrip() + "\n"
+            key = ((path.name,) if name.startswith(tuple(SPEED_TITLES)) else
+                   (res.get("title", name), tuple(res["table"]["columns"]), m.get("cpu"), m.get("gpu"), m.get("torch")))
+            blocks.setdefault(key, []).append((path.name, res))
+    out = []
+    for items in blocks.values():
+        name, res = items[0][1].get("benchmark", items[0][0]), items[0][1]
+        title = next((t for prefix, t in SPEED_TITLES.items() if name.startswith(prefix)), None)
+        out += _speed_table(res, title) if title else _generic_table(items)
+        out += ["<sub>from " + ", ".join(f"`benchmarks/results/{n}`" for n, _ in items) + "</sub>", ""]
+    return "\n".join(out).rstrip() + "\n"
 
 
 def main(args) -> None:

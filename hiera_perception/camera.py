@@ -141,7 +141,6 @@ class _WebcamSource:
 
 class _SyntheticSource:
     def __init__(self, seed: int, size: tuple[int, int], fps: float, segment_s: tuple[float, float], shift: str):
-
         self.camera = SyntheticCamera(seed=seed, size=size, fps=fps, segment_s=segment_s, shift=shift)
         self.fps = fps
         self.ended = False

@@ -1,9 +1,9 @@
 """Frames to model input: resize the short side, centre crop, normalise (mean 0.45 / std 0.225).
 
 One path serves the node, the CLI, evaluation and training, so the model always sees what it was
-trained on: `crop_resize` on the host (uint8), `to_device`, then `normalize` on the device. Cropping the centred square *before* resizing is the same
-operation as "resize short side to S, centre crop S x S" (up to sub-pixel rounding of the crop
-offset) and resizes fewer pixels. `crop_resize` is exposed so the clip buffer can shrink frames as
+trained on: `crop_resize` on the host (uint8), `to_device`, then `normalize` on the device. Cropping
+the centred square *before* resizing is the same operation as "resize short side to S, centre crop
+S x S" (up to sub-pixel rounding of the crop offset) and resizes fewer pixels. `crop_resize` is exposed so the clip buffer can shrink frames as
 they arrive and store each one once, small.
 """
 
@@ -50,8 +50,8 @@ def to_device(clips: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return x
 
 
-def normalize(clips: torch.Tensor, mean: Sequence[float] | torch.Tensor = MEAN, std: Sequence[float] | torch.Tensor = STD,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize(clips: torch.Tensor, mean: Sequence[float] | torch.Tensor = MEAN,
+              std: Sequence[float] | torch.Tensor = STD, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 clips [B, T, S, S, 3] -> normalised model input [B, 3, T, S, S], on the clips' device.
 
     Pure tensor arithmetic (no host sync), so it can run inside a captured CUDA graph.

@@ -17,8 +17,9 @@ Swipes and approach are periodic passes (a swipe re-enters at the far edge, a lo
 and restarts). A restart inside a clip shows the opposite motion for a moment, so a scene shown for a
 known `duration` (a clip) is phased to fit inside one pass, and a pass lasts longer than a clip: a clip shows
 one direction only. The camera's swipe segments hold whole passes (the wrap keeps the direction) and its
-approach segments one sweep; two in three of its changes of action keep the scene (`SAME_LOOK`). Backgrounds are plain walls; the busy `background` shift
-(checkerboard and actor-like clutter) is what the clean world never shows.
+approach segments one sweep; two in three of its changes of action keep the scene (`SAME_LOOK`).
+Backgrounds are plain walls; the busy `background` shift (checkerboard and actor-like clutter) is what the
+clean world never shows.
 
 Everything is a pure function of time given a clip's parameters, so a clip (`render_clip`) and the endless
 camera (`SyntheticCamera`) share one renderer. A clip's parameters come from the generator it is given;
@@ -40,15 +41,16 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["ACTIONS", "SAME_LOOK", "SEGMENT_S", "SHIFTS", "SHAPES", "render_clip", "SyntheticCamera", "write_dataset", "add_arguments", "main"]
+__all__ = ["ACTIONS", "SAME_LOOK", "SEGMENT_S", "SHIFTS", "SHAPES", "render_clip", "SyntheticCamera", "write_dataset",
+           "add_arguments", "main"]
 
 log = logging.getLogger(__name__)
 
 ACTIONS: tuple[str, ...] = (
     "wave", "swipe_left", "swipe_right", "swipe_up", "swipe_down", "approach", "circle", "idle",
 )  # fmt: skip
-# Seconds an action lasts on the synthetic camera: long enough that few clips span a change (a change cuts to a
-# new scene, which no training clip shows), short enough for a minute's demo to show most actions.
+# Seconds an action lasts on the synthetic camera: long enough that few clips span a change (which no training
+# clip shows), short enough for a minute's demo to show most actions.
 SEGMENT_S = (6.0, 10.0)
 # Chance that the next action happens in the same scene (room, light, actor), as on a robot's camera; else a cut.
 SAME_LOOK = 2 / 3
@@ -532,8 +534,11 @@ class SyntheticCamera:
         # keeps the direction. A looming actor shows one sweep, since its restart would show it shrinking.
         # A segment that ended mid-pass would leave clips with no right label.
         one = self._scene.one_pass_s
-        passes = 1 if self.action == "approach" else max(1, round(seconds / one)) if one < math.inf else None
-        frames = max(1, round((seconds if passes is None else passes * one) * self.fps))
+        if self.action == "approach":
+            seconds = one
+        elif one < math.inf:
+            seconds = max(1, round(seconds / one)) * one
+        frames = max(1, round(seconds * self.fps))
         self._scene.fit(frames / self.fps)
         self._segment_start, self._segment_end = self._segment_end, self._segment_end + frames
 
