@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.common import interleaved, oracle, write_result
 from hiera_perception.config import get_config
-from hiera_perception.engine import CudaGraph
+from hiera_perception.cuda_graph import CudaGraph
 from hiera_perception.model import Hiera
 
 

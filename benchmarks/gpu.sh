@@ -43,9 +43,10 @@ step $PY -m benchmarks encoder --device "$DEVICE" --precision bf16 --configs $BA
   --repeats $REPEATS --cuda-graph --out "$RESULTS"
 step $PY -m benchmarks encoder --device "$DEVICE" --precision fp32 --configs $BASE --batch 1 \
   --repeats $REPEATS --cuda-graph --out "$RESULTS"
-# MAE training step, mask ratio 0.9: eager, then with the forward compiled
+# MAE training step, mask ratio 0.9: eager and as a captured CUDA graph (forward + backward + AdamW); then with
+# the forward compiled
 step $PY -m benchmarks mae_step --device "$DEVICE" --precision bf16 --configs $BASE --batch 8 \
-  --repeats $REPEATS --out "$RESULTS"
+  --repeats $REPEATS --cuda-graph --out "$RESULTS"
 # engine: 640x480 uint8 frames at 30 fps in, labels out: eager, CUDA graph replay, compiled + replayed;
 # paced at 30 fps (a robot's view: the GPU idles between clips) and saturated (clips back to back)
 ENGINE="$PY -m benchmarks engine --model $BASE --device $DEVICE --precision bf16 --out $RESULTS"

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 
 import torch
 
 from benchmarks.common import interleaved, oracle, write_result
 from hiera_perception.checkpoint import filter_official_state_dict
 from hiera_perception.config import get_config
+from hiera_perception.cuda_graph import CudaGraphStep
 from hiera_perception.mae import HieraMAE
 
 
@@ -27,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--name", default=None, help="results file name (default mae_step_<device>_<precision>)")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the forward")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time ours as a captured CUDA graph (forward + backward + AdamW; CUDA only)")
     p.add_argument("--out", default=None)
 
 
@@ -42,12 +46,15 @@ def run(args) -> dict:
         ours.load_state_dict(filter_official_state_dict(official.state_dict(), ours))
         x = torch.randn(args.batch, 3, *cfg.input_size, device=device)
         keep = ours.encoder.random_keep(args.batch, args.mask_ratio, device=device)
-        amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
-               else contextlib.nullcontext())
+        n_keep = ours.encoder.units_kept(args.mask_ratio)
+
+        def amp(cache: bool = True):  # a graph must not keep autocast's weight copies from its capture
+            return (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if args.precision == "bf16"
+                    else contextlib.nullcontext())
 
         def step(model, opt, fwd):
             def f():
-                with amp:
+                with amp():
                     loss = fwd(model)
                 loss.backward()
                 opt.step()
@@ -57,17 +64,27 @@ def run(args) -> dict:
         opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-6)
         opt_off = torch.optim.AdamW(official.parameters(), lr=1e-6)
         fns = {
-            "ours": step(ours, opt_ours, lambda m: m.forward_keep(x, keep).loss),
+            "ours": step(ours, opt_ours, lambda m: m.forward_keep(x, keep, n_keep).loss),
             "official": step(official, opt_off, lambda m: m(x, mask=keep)[0]),
         }
         if args.compile:
             fwd = torch.compile(ours.forward_keep)
-            fns["ours_compiled"] = step(ours, opt_ours, lambda m: fwd(x, keep).loss)
+            fns["ours_compiled"] = step(ours, opt_ours, lambda m: fwd(x, keep, n_keep).loss)
+        if args.cuda_graph and device.type == "cuda":
+            twin = copy.deepcopy(ours)  # its own weights and gradients: the graph owns their memory
+
+            def loss_fn(x_, keep_):
+                with amp(cache=False):
+                    return twin.forward_keep(x_, keep_, n_keep).loss
+
+            graph = CudaGraphStep(loss_fn, torch.optim.AdamW(twin.parameters(), lr=1e-6, capturable=True), x, keep)
+            fns["ours_graph"] = lambda: graph(x, keep)
         res = interleaved(fns, args.repeats, args.warmup, device)
         row = {"config": name, "batch": args.batch, "mask_ratio": args.mask_ratio, **res,
                "speedup_vs_official": res["official"]["median_ms"] / res["ours"]["median_ms"]}
-        if "ours_compiled" in res:
-            row["speedup_ours_compiled_vs_official"] = res["official"]["median_ms"] / res["ours_compiled"]["median_ms"]
+        for variant in ("ours_compiled", "ours_graph"):
+            if variant in res:
+                row[f"speedup_{variant}_vs_official"] = res["official"]["median_ms"] / res[variant]["median_ms"]
         print(f"{name} MAE step b={args.batch}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in res.items())
               + f", ours x{row['speedup_vs_official']:.2f}")
         rows.append(row)

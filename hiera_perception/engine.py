@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from hiera_perception.checkpoint import load_model, resolve_device
+from hiera_perception.cuda_graph import CudaGraph
 from hiera_perception.labeler import Labeler, Prototypes, prototypes_path
 from hiera_perception.model import Hiera
 from hiera_perception.preprocess import crop_resize, normalize
 
-__all__ = ["Engine", "ClipResult", "CudaGraph", "PRECISIONS"]
+__all__ = ["Engine", "ClipResult", "PRECISIONS"]
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
@@ -139,28 +140,3 @@ class Engine:
         self.prototypes.save()
         log.info("taught %r from %d clips (%d in all)", label, len(clips), count)
         return count
-
-
-class CudaGraph:
-    """`fn` of one static input tensor, captured once as a CUDA graph and replayed: one launch per batch."""
-
-    @torch.inference_mode()
-    def __init__(self, fn, example: torch.Tensor, pool=None):
-        self.input = example.clone()
-        stream = torch.cuda.Stream(example.device)
-        stream.wait_stream(torch.cuda.current_stream(example.device))
-        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
-            for _ in range(3):
-                fn(self.input)
-        torch.cuda.current_stream(example.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn(self.input)
-        log.info("captured a CUDA graph for batch %d", example.shape[0])
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.input.copy_(x, non_blocking=True)
-        self.graph.replay()
-        # Copies: the next replay overwrites the static outputs.
-        return tuple(t.clone() if t is not None else None for t in self.output)

@@ -97,9 +97,9 @@ class HieraMAE(nn.Module):
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     # ---- pieces ----
-    def encode(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """[B, 3, T, H, W], keep [B, M] -> fused latent [B, M_kept, *mu_final, C]."""
-        _, inter = self.encoder.forward_tokens(x, keep, return_intermediates=True)
+    def encode(self, x: torch.Tensor, keep: torch.Tensor, n_keep: int | None = None) -> torch.Tensor:
+        """[B, 3, T, H, W], keep [B, M] (n_keep True per row) -> fused latent [B, M_kept, *mu_final, C]."""
+        _, inter = self.encoder.forward_tokens(x, keep, return_intermediates=True, n_keep=n_keep)
         inter = inter[: self.config.q_pool] + inter[-1:]  # later stages share the final resolution
         latent = 0.0
         for head, feats in zip(self.multi_scale_fusion_heads, inter):
@@ -117,8 +117,8 @@ class HieraMAE(nn.Module):
         B, M = keep.shape
         x = self.decoder_embed(latent)  # [B, M_kept, t, h, w, D]
         D = x.shape[-1]
-        full = x.new_zeros(B, M, *self.mu_final, D)
-        full[keep] = x.reshape(-1, *self.mu_final, D)
+        idx = Hiera.kept_units(keep, x.shape[1]).view(B, -1, 1, 1, 1, 1).expand_as(x)
+        full = x.new_zeros(B, M, *self.mu_final, D).scatter(1, idx, x)
         unit_keep = keep.view(B, M, 1, 1, 1, 1)
         full = torch.where(unit_keep, full, self.mask_token.view(1, 1, 1, 1, 1, D))
         # undo the windowing: [B, (gt, gh, gw), mt, mh, mw, D] -> [B, gt*mt, gh*mh, gw*mw, D]
@@ -150,22 +150,28 @@ class HieraMAE(nn.Module):
         return (x - mean) / (var + 1.0e-6) ** 0.5
 
     # ---- entry points ----
-    def forward_keep(self, x: torch.Tensor, keep: torch.Tensor) -> MAEOutput:
-        """MAE with a fixed mask (tests, graph capture): keep [B, M] bool, same count per sample."""
+    def forward_keep(self, x: torch.Tensor, keep: torch.Tensor, n_keep: int | None = None) -> MAEOutput:
+        """MAE with a fixed mask: keep [B, M] bool, the same count per sample. Without n_keep the mask is
+        checked (and counted) on the host; with it nothing is read back, so the step can be a CUDA graph."""
         if keep.dtype != torch.bool or tuple(keep.shape) != (x.shape[0], self.config.num_mask_units):
             raise ValueError(
                 f"keep must be bool [B={x.shape[0]}, M={self.config.num_mask_units}], got {keep.dtype} {list(keep.shape)}"
             )
-        counts = keep.sum(dim=1)
-        if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
-            raise ValueError(f"every sample must keep the same, non-zero number of mask units; got {counts.tolist()}")
-        pred, token_keep = self.decode(self.encode(x, keep), keep)
-        dropped = ~token_keep
-        pred = pred[dropped]
-        label = self.target(x)[dropped]
+        if n_keep is None:
+            counts = keep.sum(dim=1)
+            if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+                raise ValueError(f"every sample must keep the same, non-zero number of mask units; got {counts.tolist()}")
+            n_keep = int(counts[0])
+        pred, token_keep = self.decode(self.encode(x, keep, n_keep), keep)
+        # the dropped tokens, in order: [B, N_dropped] indices, N_dropped = N - kept units x their tokens
+        n_dropped = token_keep.shape[1] * (self.config.num_mask_units - n_keep) // self.config.num_mask_units
+        idx = Hiera.kept_units(~token_keep, n_dropped)[..., None]
+        pred = pred.gather(1, idx.expand(-1, -1, pred.shape[-1])).flatten(0, 1)
+        label = self.target(x)
+        label = label.gather(1, idx.expand(-1, -1, label.shape[-1])).flatten(0, 1)
         return MAEOutput(((pred - label) ** 2).mean(), pred, label, keep)
 
     def forward(self, x: torch.Tensor, mask_ratio: float = 0.9, generator: torch.Generator | None = None) -> MAEOutput:
         """MAE with a fresh random mask dropping `mask_ratio` of the mask units."""
         keep = self.encoder.random_keep(x.shape[0], mask_ratio, device=x.device, generator=generator)
-        return self.forward_keep(x, keep)
+        return self.forward_keep(x, keep, self.encoder.units_kept(mask_ratio))

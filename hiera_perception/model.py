@@ -325,10 +325,21 @@ class Hiera(nn.Module):
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         M = self.config.num_mask_units
-        n_keep = int(M * (1 - mask_ratio))
+        n_keep = self.units_kept(mask_ratio)
         noise = torch.rand(batch, M, device=device, generator=generator)
         ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each unit's noise; the n_keep lowest are kept
         return ranks < n_keep
+
+    def units_kept(self, mask_ratio: float) -> int:
+        """Mask units a sample keeps visible at `mask_ratio`."""
+        return int(self.config.num_mask_units * (1 - mask_ratio))
+
+    @staticmethod
+    def kept_units(keep: torch.Tensor, n_keep: int) -> torch.Tensor:
+        """keep [B, M] bool with n_keep True per row -> their indices [B, n_keep], ascending. A stable sort
+        rather than boolean indexing: the shapes are known without reading the mask back to the host, so
+        a masked step can run inside a CUDA graph."""
+        return torch.argsort(keep.logical_not().to(torch.int8), dim=1, stable=True)[:, :n_keep]
 
     def reroll(self, x: torch.Tensor, stage: int, masked: bool = False) -> torch.Tensor:
         """Tokens leaving `stage` back in spatial order.
@@ -345,9 +356,11 @@ class Hiera(nn.Module):
         return x[:, getattr(self, f"reroll_index_{stage}")].view(B, *grid, C)
 
     def forward_tokens(
-        self, x: torch.Tensor, keep: torch.Tensor | None = None, return_intermediates: bool = False
+        self, x: torch.Tensor, keep: torch.Tensor | None = None, return_intermediates: bool = False,
+        n_keep: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the trunk. x [B, 3, T, H, W]; keep [B, M] bool (MAE) or None.
+        """Run the trunk. x [B, 3, T, H, W]; keep [B, M] bool (MAE) or None, with n_keep kept units per
+        sample (default: counted, which reads the mask back to the host).
 
         Returns the final tokens [B, N_final, C_last] (unrolled order; with keep, only kept units)
         and, if asked, the per-stage intermediates (see `reroll`).
@@ -360,9 +373,12 @@ class Hiera(nn.Module):
         x = self.patch_embed(x, keep_grid) + self.get_pos_embed()  # [B, N, C] raster
         x = x[:, self.unroll_index]  # [B, N, C] unrolled: position w * M + m
         if keep is not None:
-            M = self.config.num_mask_units
+            M, C = self.config.num_mask_units, x.shape[-1]
+            n = int(keep[0].sum()) if n_keep is None else n_keep
+            idx = self.kept_units(keep, n)
             # [B, W, M, C] -> keep the same units at every in-unit position -> [B, W * M_kept, C]
-            x = x.view(B, -1, M, x.shape[-1])[keep[:, None, :].expand(B, x.shape[1] // M, M)].view(B, -1, x.shape[-1])
+            W = x.shape[1] // M
+            x = x.view(B, W, M, C).gather(2, idx[:, None, :, None].expand(B, W, n, C)).reshape(B, W * n, C)
         intermediates = []
         stage = 0
         for i, blk in enumerate(self.blocks):

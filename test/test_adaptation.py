@@ -406,10 +406,10 @@ def _count_mae_calls(adapter: Adapter, busy: threading.Event) -> dict[str, int]:
     counts = {"all": 0, "while_busy": 0}
     real = adapter.mae.forward_keep
 
-    def forward_keep(x, keep):
+    def forward_keep(x, keep, n_keep=None):
         counts["all"] += 1
         counts["while_busy"] += busy.is_set()
-        return real(x, keep)
+        return real(x, keep, n_keep)
 
     adapter.mae.forward_keep = forward_keep  # training (forward -> forward_keep) and the probe both pass here
     return counts
