@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=20, help="adaptation rounds per shift (default 20)")
     p.add_argument("--lr", type=float, default=AdaptationConfig.lr)
     p.add_argument("--trainable", default=AdaptationConfig.trainable, choices=("all", "norms", "late"))
+    p.add_argument("--align-weight", type=float, default=AdaptationConfig.align_weight,
+                   help="feature-alignment weight beside the MAE loss (0: MAE alone)")
+    p.add_argument("--min-probe-cosine", type=float, default=AdaptationConfig.min_probe_cosine,
+                   help="the guard's drift bound")
     p.add_argument("--seed", type=int, default=7, help="test clips use this seed, adapt clips seed + 1")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default=None, help="folder for data and adapted models (default: a temporary one)")
@@ -82,7 +86,8 @@ def run(args, work: Path) -> dict:
         test = data(f"test_{shift}", shift, args.test_clips, args.seed)
         pool = data(f"adapt_{shift}", shift, args.adapt_clips, args.seed + 1, unlabeled=True)
         before = acc(base, test)
-        config = AdaptationConfig(lr=args.lr, trainable=args.trainable)
+        config = AdaptationConfig(lr=args.lr, trainable=args.trainable, align_weight=args.align_weight,
+                                  min_probe_cosine=args.min_probe_cosine)
         summary = adapt_offline(args.model, work / f"adapted_{shift}.pt", data=str(pool), config=config,
                                 rounds=args.rounds, device=args.device, progress=False)
         adapted = Engine(str(summary.out), device=args.device)
@@ -114,7 +119,8 @@ def run(args, work: Path) -> dict:
                        "-" if mean["recovered"] is None else f"**{100 * mean['recovered']:.0f}%**",
                        f"{-mean['clean_drop_points']:+.1f} pts", "", ""])
     return {"model": base.encoder_version, "device": args.device, "rounds": args.rounds, "lr": args.lr,
-            "trainable": args.trainable, "test_clips": args.test_clips, "adapt_clips": args.adapt_clips,
+            "trainable": args.trainable, "align_weight": args.align_weight,
+            "min_probe_cosine": args.min_probe_cosine, "test_clips": args.test_clips, "adapt_clips": args.adapt_clips,
             "seed": args.seed, "rows": rows, "mean": mean,
             "title": f"Adaptation under shift (accuracy %, {args.test_clips} test clips per set, adapted on "
                      f"{args.adapt_clips} other unlabeled clips, {args.rounds} rounds)",

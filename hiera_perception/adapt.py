@@ -50,7 +50,9 @@ _HELP = {
     "train_decoder": "train the decoder too", "replay_mb": "replay buffer cap in MB",
     "min_clips": "clips in the replay before the first round", "probe_clips": "clips of the fixed probe set",
     "min_probe_cosine": "reject a round whose probe embeddings' mean cosine to the input model is below this",
-    "max_loss_increase": "reject a round whose probe MAE loss exceeds the deployed one by this fraction",
+    "max_loss_increase": "reject a round whose probe objective exceeds the deployed one by this fraction",
+    "align_weight": "weight of the embedding-statistics alignment beside the MAE loss (0: MAE alone)",
+    "align_momentum": "running average of the camera's embedding statistics, per clip",
     "decoder_warmup_rounds": "rounds training a fresh decoder alone (models without decoder weights)",
 }
 
@@ -65,8 +67,10 @@ class AdaptSummary:
     warmup: int = 0
     version: int = 0
     clips: int = 0
-    probe_loss_before: float = math.nan  # probe MAE loss of the input model
+    probe_loss_before: float = math.nan  # probe objective (MAE + alignment) of the input model
     probe_loss_after: float = math.nan  # ... of the written one
+    probe_mae_before: float = math.nan  # its MAE part
+    probe_mae_after: float = math.nan
     probe_cosine: float = 1.0  # mean cosine of the written model's probe embeddings to the input model's
     reasons: Counter = field(default_factory=Counter)  # rejections per kind: loss rose | drift | a fault
 
@@ -78,7 +82,7 @@ class AdaptSummary:
 
 def _reason_kind(reason: str) -> str:
     """A rejection's kind for the summary: loss rose | drift | the fault's exception type."""
-    if reason.startswith("probe MAE loss rose"):
+    if reason.startswith("probe loss rose"):
         return "loss rose"
     if reason.startswith("embedding drift"):
         return "drift"
@@ -184,13 +188,16 @@ def adapt_offline(
         summary.rounds += 1
         if math.isnan(summary.probe_loss_before):
             summary.probe_loss_before = summary.probe_loss_after = res.probe_loss_before
+            summary.probe_mae_before = summary.probe_mae_after = res.probe_mae_before
         if res.accepted:
             summary.accepted += 1
             summary.probe_loss_after, summary.probe_cosine = res.probe_loss_after, res.probe_cosine
+            summary.probe_mae_after = res.probe_mae_after
         elif res.reason.startswith("decoder warm-up"):
             summary.warmup += 1
             # the encoder is still the input model's; the comparisons start from its trained decoder
             summary.probe_loss_before = summary.probe_loss_after = res.probe_loss_after
+            summary.probe_mae_before = summary.probe_mae_after = res.probe_mae_after
             before = copy.deepcopy(adapter.mae)
         else:
             summary.rejected += 1
@@ -202,7 +209,7 @@ def adapt_offline(
     # After every round the shadow equals what is deployed (accepted: it became it; rejected: reset to it).
     save_checkpoint(summary.out, adapter.mae, labels=adapter.labels, model_id=adapter.model_id,
                     version=adapter.version, extra={
-                        "sampling": dict(getattr(model, "sampling", {})),
+                        **adapter.checkpoint_extra(),
                         "adaptation": {**summary.to_dict(), "config": dataclasses.asdict(config),
                                        "source": data or bag, "topic": topic},
                     })
@@ -259,7 +266,8 @@ def main(args: argparse.Namespace) -> int:
     reasons = ", ".join(f"{k} {v}" for k, v in s.reasons.most_common()) or "none"
     print(f"{s.rounds} rounds ({s.warmup} decoder warm-up): {s.accepted} accepted, {s.rejected} rejected "
           f"(reasons: {reasons}); version {s.version}")
-    print(f"probe MAE loss {s.probe_loss_before:.4f} -> {s.probe_loss_after:.4f}, "
+    print(f"probe loss {s.probe_loss_before:.4f} -> {s.probe_loss_after:.4f} (MAE {s.probe_mae_before:.4f} -> "
+          f"{s.probe_mae_after:.4f}), "
           f"embedding cosine to the input model {s.probe_cosine:.4f}; {s.clips} clips")
     print(f"wrote {s.out} and {s.png}")
     return 0

@@ -1,17 +1,27 @@
 """On-device MAE adaptation: the encoder keeps learning from the robot's own camera, safely.
 
 Test-time training with masked autoencoders: Gandelsman, Sun, Chen, Efros, "Test-Time Training with
-Masked Autoencoders", NeurIPS 2022; Wang, Sun, et al., "Test-Time Training on Video Streams", 2023.
+Masked Autoencoders", NeurIPS 2022; Wang, Sun, et al., "Test-Time Training on Video Streams", 2023;
+feature alignment as in Liu et al., "TTT++: When Does Self-Supervised Test-Time Training Fail or
+Thrive?", NeurIPS 2021.
 
     clips -> ReplayBuffer (bounded in MB) -> Adapter: MAE steps on a *shadow* copy of the encoder, in
     its own thread, only while inference is idle and within a share of the device -> Guard on a fixed
-    probe set (MAE loss must not rise, embedding cosine to the original model >= threshold, all
-    finite) -> accepted: a new version is checkpointed atomically and handed to `on_accept` (the
+    probe set (the round's objective must not rise, embedding cosine to the original model >=
+    threshold, all finite) -> accepted: a new version is checkpointed atomically and handed to `on_accept` (the
     serving side swaps it in between two clips) | rejected: the shadow returns to the deployed weights.
 
 The classifier head and the final norm are never trained (MAE does not use them), so head labels and
 taught prototypes stay meaningful while the trunk adapts. Faults inside a round (NaN loss, an
 exception, out of memory) reject the round and leave the deployed weights and checkpoints intact.
+
+The objective is the MAE loss plus, when the model carries its training clips' embedding statistics
+(`feature_stats`, written by every completed `train` run), `align_weight` times the distance of the
+camera's embedding statistics (per-dimension mean and variance, a running average over the clips of
+the round) to them. MAE alone lowered its loss but not the error on this package's embedded model,
+which was trained supervised, not as an MAE: its steps moved features the head reads (TTT++ saw the
+same). The alignment term keeps what the head reads where training left it; MAE keeps the encoder
+describing the new images. `align_weight: 0` is MAE alone.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -36,10 +46,30 @@ from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 from hiera_perception.preprocess import preprocess_clip
 
-__all__ = ["AdaptationConfig", "ReplayBuffer", "Adapter", "RoundResult", "TRAINABLE"]
+__all__ = ["AdaptationConfig", "ReplayBuffer", "Adapter", "RoundResult", "TRAINABLE", "STATS_CLIPS", "feature_stats",
+           "alignment_distance"]
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("all", "norms", "late")
+STATS_CLIPS = 512  # training clips behind a model's feature_stats
+
+
+@torch.inference_mode()
+def feature_stats(model: Hiera, batches: Iterable[torch.Tensor]) -> dict:
+    """Per-dimension mean and variance of `model`'s embeddings over input batches [B, 3, T, H, W]: the
+    statistics adaptation aligns the camera's embeddings with (JSON-able; checkpoints keep them in extra)."""
+    was_training = model.training
+    model.eval()
+    emb = torch.cat([model.forward_features(x).float().cpu() for x in batches])
+    model.train(was_training)
+    if len(emb) < 2:
+        raise ValueError(f"feature statistics need at least 2 clips, got {len(emb)}")
+    return {"mean": emb.mean(0).tolist(), "var": emb.var(0).tolist(), "clips": len(emb)}
+
+
+def alignment_distance(mean: torch.Tensor, var: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Squared distance of embedding statistics (mean, variance [C]) to the source's, summed over dimensions."""
+    return ((mean - source[0]) ** 2).sum() + ((var - source[1]) ** 2).sum()
 
 
 @dataclass
@@ -55,8 +85,13 @@ class AdaptationConfig:
     replay_mb: float = 64.0
     min_clips: int = 16  # replay size before the first round
     probe_clips: int = 16
-    min_probe_cosine: float = 0.9  # mean cosine of probe embeddings to the original model
-    max_loss_increase: float = 0.0  # candidate probe MAE loss <= deployed * (1 + this)
+    align_weight: float = 1.0  # feature-alignment term beside the MAE loss (0: MAE alone; needs feature_stats)
+    align_momentum: float = 0.9  # running average of the camera's embedding statistics, per clip
+    # Mean cosine of the probe clips' embeddings to the original model's embeddings of the same clips. Under a
+    # strong shift those are the wrong embeddings and correcting it moves them (0.6-0.8 on the lighting shift
+    # with alignment on); 0.5 still stops a runaway, and the alignment term keeps the statistics in place.
+    min_probe_cosine: float = 0.5
+    max_loss_increase: float = 0.0  # candidate probe objective <= deployed * (1 + this)
     max_device_share: float = 0.5  # of wall time spent in adaptation steps
     threads: int = 0  # intra-op CPU threads of the adapter's thread (per thread; serving gets the rest); 0 = torch's
     round_interval_s: float = 5.0
@@ -71,6 +106,9 @@ class AdaptationConfig:
             raise ValueError(f"max_device_share must be in (0, 1], got {self.max_device_share}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.align_weight < 0 or not 0.0 <= self.align_momentum < 1.0:
+            raise ValueError(f"align_weight must be >= 0 and align_momentum in [0, 1), got {self.align_weight}, "
+                             f"{self.align_momentum}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
         for name in ("steps_per_round", "batch_size", "min_clips", "probe_clips", "keep_versions"):
@@ -125,8 +163,10 @@ class RoundResult:
     version: int
     steps: int = 0
     train_loss: float = float("nan")
-    probe_loss_before: float = float("nan")
+    probe_loss_before: float = float("nan")  # the objective on the probe set: MAE + align_weight * alignment
     probe_loss_after: float = float("nan")
+    probe_mae_before: float = float("nan")  # its MAE part
+    probe_mae_after: float = float("nan")
     probe_cosine: float = float("nan")
     seconds: float = 0.0
 
@@ -190,6 +230,15 @@ class Adapter:
         self.model_id = model_id or getattr(model, "model_id", model.config.name)
         # the clip timing the model was trained with travels into every version, so each file serves alone
         self.sampling = dict(getattr(reference or model, "sampling", {}))
+        # so do the training clips' embedding statistics, the alignment term's target
+        self.feature_stats = getattr(reference or model, "feature_stats", None)
+        self._source = None
+        if cfg.align_weight > 0 and self.feature_stats:
+            self._source = tuple(torch.tensor(self.feature_stats[k], device=self.device) for k in ("mean", "var"))
+        elif cfg.align_weight > 0:
+            log.info("%s carries no feature_stats (train writes them): adapting with the MAE loss alone",
+                     getattr(model, "model_id", model.config.name))
+        self._running: tuple[torch.Tensor, torch.Tensor] | None = None  # camera embeddings: mean, mean square
         self.version = version
         self.enabled = threading.Event()
         self.enabled.set()
@@ -212,6 +261,10 @@ class Adapter:
         self._make_optimizer()
 
     # ---- helpers ----
+    def checkpoint_extra(self) -> dict:
+        """What every version file carries from the model it adapts: clip timing and feature statistics."""
+        return {"sampling": self.sampling, **({"feature_stats": self.feature_stats} if self.feature_stats else {})}
+
     def _mae_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.mae.state_dict().items()}
 
@@ -239,22 +292,44 @@ class Adapter:
 
     # ---- the guard ----
     @torch.no_grad()
-    def _probe_scores(self, wait: bool = False) -> tuple[float, float]:
-        """(MAE loss with fixed masks, mean embedding cosine to the original model) on the probe set, one clip
-        at a time: with `wait`, inference can take the device between two clips."""
+    def _probe_scores(self, wait: bool = False) -> tuple[float, float, float]:
+        """(objective, its MAE part, mean embedding cosine to the original model) on the probe set, with fixed
+        masks, one clip at a time: with `wait`, inference can take the device between two clips. Also starts
+        the running embedding statistics of the next steps from the probe set's."""
         self.mae.eval()
-        losses, cos = [], []
+        losses, cos, embs = [], [], []
         for i in range(len(self._probe)):
             if wait and not self._wait_for_slot():
                 raise InterruptedError("adapter stopping")
             s0 = time.monotonic()
             x = self._probe[i : i + 1]
             losses.append(self.mae.forward_keep(x, self._probe_keep[i : i + 1]).loss.item())
-            emb, ref = self.mae.encoder.forward_features(x), self.base.forward_features(x)
-            cos.append(F.cosine_similarity(emb.float(), ref.float(), dim=-1).item())
+            emb, ref = self.mae.encoder.forward_features(x).float(), self.base.forward_features(x).float()
+            cos.append(F.cosine_similarity(emb, ref, dim=-1).item())
+            embs.append(emb[0])
             self._spent_s += time.monotonic() - s0
         self.mae.train()
-        return float(np.mean(losses)), float(np.mean(cos))
+        mae = float(np.mean(losses))
+        if self._source is None:
+            return mae, mae, float(np.mean(cos))
+        e = torch.stack(embs)
+        self._running = (e.mean(0), (e**2).mean(0))
+        align = alignment_distance(e.mean(0), e.var(0), self._source).item()
+        return mae + self.config.align_weight * align, mae, float(np.mean(cos))
+
+    def _clip_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """One clip's objective: its MAE loss, plus the alignment of the running embedding statistics (this
+        clip's embedding enters them with weight 1 - align_momentum) with the source's."""
+        loss = self.mae(x, self.config.mask_ratio).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite MAE loss {loss.item()}")
+        if self._source is None:
+            return loss
+        f = self.mae.encoder.forward_features(x)[0].float()
+        b = self.config.align_momentum
+        mean, sq = (b * r + (1 - b) * v for r, v in zip(self._running, (f, f**2)))
+        self._running = (mean.detach(), sq.detach())
+        return loss + self.config.align_weight * alignment_distance(mean, sq - mean**2, self._source)
 
     def _finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.mae.parameters())
@@ -285,7 +360,7 @@ class Adapter:
             res = RoundResult(False, "", self.version)
             new_version = self.version
             try:
-                res.probe_loss_before, _ = self._probe_scores(wait)
+                res.probe_loss_before, res.probe_mae_before, _ = self._probe_scores(wait)
                 losses = []
                 self.mae.train()
                 for _ in range(cfg.steps_per_round):
@@ -298,9 +373,9 @@ class Adapter:
                         if wait and not self._wait_for_slot():
                             raise InterruptedError("adapter stopping")
                         s0 = time.monotonic()
-                        loss = self.mae(self._batch([clip]), cfg.mask_ratio).loss
+                        loss = self._clip_loss(self._batch([clip]))
                         if not torch.isfinite(loss):
-                            raise FloatingPointError(f"non-finite MAE loss {loss.item()}")
+                            raise FloatingPointError(f"non-finite loss {loss.item()}")
                         (loss / len(clips)).backward()  # equal masked-patch counts: the batch mean
                         step_loss += loss.item() / len(clips)
                         self._spent_s += time.monotonic() - s0
@@ -313,7 +388,7 @@ class Adapter:
                 res.train_loss = float(np.mean(losses))
                 if not self._finite():
                     raise FloatingPointError("non-finite weights after the round")
-                res.probe_loss_after, res.probe_cosine = self._probe_scores(wait)
+                res.probe_loss_after, res.probe_mae_after, res.probe_cosine = self._probe_scores(wait)
                 if not (np.isfinite(res.probe_loss_after) and np.isfinite(res.probe_cosine)):
                     raise FloatingPointError("non-finite probe scores")
                 if self.decoder_warmup:
@@ -323,7 +398,8 @@ class Adapter:
                         self.decoder_warmup = False
                         self._make_optimizer()
                 elif res.probe_loss_after > res.probe_loss_before * (1 + cfg.max_loss_increase):
-                    res.reason = f"probe MAE loss rose {res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f}"
+                    res.reason = (f"probe loss rose {res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f} "
+                                  f"(MAE {res.probe_mae_before:.4f} -> {res.probe_mae_after:.4f})")
                 elif res.probe_cosine < cfg.min_probe_cosine:
                     res.reason = f"embedding drift: probe cosine {res.probe_cosine:.4f} < {cfg.min_probe_cosine}"
                 else:
@@ -369,7 +445,7 @@ class Adapter:
             return
         path = self._path(version)
         save_checkpoint(path, self.mae, labels=self.labels, model_id=self.model_id, version=version,
-                        extra={"adaptation": {"rounds": self.rounds}, "sampling": self.sampling})
+                        extra={"adaptation": {"rounds": self.rounds}, **self.checkpoint_extra()})
         try:
             atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": path.name}) + "\n")
         except BaseException:
@@ -391,7 +467,7 @@ class Adapter:
             state_now = self._mae_state()
             self.mae.load_state_dict(self._deployed)
             save_checkpoint(self._path(self.version), self.mae, labels=self.labels, model_id=self.model_id,
-                            version=self.version, extra={"sampling": self.sampling})
+                            version=self.version, extra=self.checkpoint_extra())
             self.mae.load_state_dict(state_now)
             self.kept = sorted({*self.kept, self.version})  # rollback() relies on the order
             return self._path(self.version)

@@ -270,6 +270,7 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
         path = MODELS_DIR / source
     labels: list[str] = []
     sampling: dict = {}
+    stats = None
     if path.is_file():
         weights.verify(path)
         raw = _torch_load(path)
@@ -281,6 +282,7 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
             _load_state(model, ck.model_state, path)
             labels, model_id, version = ck.labels, ck.model_id, ck.version
             sampling = dict(ck.extra.get("sampling", {}))
+            stats = ck.extra.get("feature_stats")
         else:
             entry = weights.entry_for_path(path)
             arch = arch or (entry.config if entry else None)
@@ -308,5 +310,6 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
     model.version = version
     model.source_path = str(path) if path.is_file() else None  # taught labels persist beside it
     model.sampling = sampling  # clip timing the model was trained with, e.g. {"frame_stride_s": 0.1}
+    model.feature_stats = stats  # its training clips' embedding mean and variance (adaptation aligns with them)
     return model.eval().to(dev)
 

@@ -17,7 +17,8 @@ the uninterrupted run would have (bit-identical on CPU), with no RNG state to sa
 
 Checkpoints (`checkpoint.save_checkpoint`, atomic) every `--ckpt-every` steps and at `--stop-at` carry
 the optimizer, scheduler and step in `extra["train_state"]`, so `--resume` continues from `--out`. The
-finished model is written without that state (weights, labels, clip timing, a `train` summary).
+finished model is written without that state (weights, labels, clip timing, a `train` summary) and with
+its embedding statistics over up to `STATS_CLIPS` training clips (`feature_stats`, what adaptation aligns with).
 
 Several processes: `torchrun --nproc_per_node N -m hiera_perception pretrain ...` sets WORLD_SIZE; the
 group uses nccl on CUDA and gloo on CPU, each rank reads its own share of every epoch's order
@@ -42,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hiera_perception.adaptation import STATS_CLIPS, feature_stats
 from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model, resolve_device, save_checkpoint
 from hiera_perception.config import CONFIGS, get_config
 from hiera_perception.mae import HieraMAE
@@ -231,6 +233,15 @@ def _schedule(total: int, warmup: int):
     return f
 
 
+def _feature_stats(enc: Hiera, clips: "_Keyed", device: torch.device, batch: int) -> dict:
+    """The trained encoder's embedding statistics over up to STATS_CLIPS of its training clips, evenly spread."""
+    picks = sorted({round(i * (len(clips) - 1) / max(1, min(len(clips), STATS_CLIPS) - 1))
+                    for i in range(min(len(clips), STATS_CLIPS))})
+    batches = (clips_to_input(torch.stack([clips[(k, 0)][0] for k in picks[i : i + batch]]), enc.config.mean,
+                              enc.config.std, device) for i in range(0, len(picks), batch))
+    return feature_stats(enc, batches)
+
+
 def _set_frozen(model: Hiera, frozen: bool) -> None:
     """Freeze (or unfreeze) everything but the classification head."""
     for name, p in model.named_parameters():
@@ -407,6 +418,8 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
         if not final:
             extra["train_state"] = {"step": step, "total_steps": total, "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict()}
+        elif len(indices) >= 2:  # what on-robot adaptation aligns the camera's embeddings with
+            extra["feature_stats"] = _feature_stats(enc, loader_ds, procs.device, args.batch)
         save_checkpoint(out, model, labels=labels, model_id=model_id, version=0, step=step, extra=extra)
 
     from tqdm import tqdm

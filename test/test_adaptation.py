@@ -114,7 +114,8 @@ def test_replay_buffer_caps_memory_and_evicts_oldest():
      ("max_device_share", 1.5, "max_device_share"), ("mask_ratio", 1.0, "mask_ratio must be in"),
      ("mask_ratio", -0.1, "mask_ratio"), ("steps_per_round", 0, "steps_per_round must be >= 1"),
      ("batch_size", 0, "batch_size"), ("min_clips", 0, "min_clips"), ("probe_clips", 0, "probe_clips"),
-     ("keep_versions", 0, "keep_versions must be >= 1, got 0")],
+     ("keep_versions", 0, "keep_versions must be >= 1, got 0"), ("align_weight", -1.0, "align_weight must be >= 0"),
+     ("align_momentum", 1.0, "align_momentum in \\[0, 1\\)")],
 )
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -209,7 +210,7 @@ def test_fresh_decoder_warms_up_before_the_encoder_moves(tmp_path):
 @pytest.mark.parametrize(
     "changes, reason",
     [({"min_probe_cosine": 1.01}, "embedding drift: probe cosine"),
-     ({"max_loss_increase": -0.5}, "probe MAE loss rose")],
+     ({"max_loss_increase": -0.5}, "probe loss rose")],
 )
 def test_guard_rejects_and_the_shadow_returns(tmp_path, changes, reason):
     adapter, on_accept = make_adapter(tmp_path, **changes)
@@ -502,3 +503,59 @@ def test_serving_thread_leaves_the_adapter_its_cores(tmp_path):
         assert torch.get_num_threads() == 4  # not adapting: every core serves
     finally:
         torch.set_num_threads(before)
+
+
+# ---- the alignment term (TTT++-style feature alignment beside the MAE loss) ----
+
+
+def test_feature_stats_are_the_embeddings_mean_and_variance():
+    model = serving_model()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 3, 8, 64, 64, generator=g), torch.randn(2, 3, 8, 64, 64, generator=g)]
+    stats = adaptation.feature_stats(model, batches)
+    with torch.no_grad():
+        emb = model.forward_features(torch.cat(batches))
+    assert stats["clips"] == 5 and len(stats["mean"]) == len(stats["var"]) == model.num_features
+    torch.testing.assert_close(torch.tensor(stats["mean"]), emb.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(stats["var"]), emb.var(0), rtol=1e-5, atol=1e-6)
+    json.dumps(stats)  # it travels in a checkpoint's extra
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        adaptation.feature_stats(model, [batches[1][:1]])
+
+
+def shifted_adapter(tmp_path: Path, align_weight: float) -> tuple[Adapter, dict]:
+    """The source statistics are of bright clips; the camera sends dark ones (a lighting shift)."""
+    model = serving_model()
+    rng = np.random.default_rng(1)
+    bright = [rng.integers(128, 256, size=CLIP, dtype=np.uint8) for _ in range(8)]
+    cfg = model.config
+    from hiera_perception.preprocess import preprocess_clip
+
+    model.feature_stats = adaptation.feature_stats(
+        model, [torch.cat([preprocess_clip(c, 64, cfg.mean, cfg.std, "cpu") for c in bright])])
+    adapter, _ = make_adapter(tmp_path, model, clips=0, align_weight=align_weight, steps_per_round=4, batch_size=4,
+                              probe_clips=4, min_clips=8)
+    for _ in range(8):
+        adapter.add_clip(rng.integers(0, 96, size=CLIP, dtype=np.uint8))
+    return adapter, model.feature_stats
+
+
+def test_alignment_pulls_the_camera_embeddings_to_the_training_statistics(tmp_path):
+    adapter, stats = shifted_adapter(tmp_path, align_weight=1.0)
+    results = [adapter.run_round(wait=False) for _ in range(4)]
+    assert all(r.accepted for r in results)
+    align = [(r.probe_loss_before - r.probe_mae_before, r.probe_loss_after - r.probe_mae_after) for r in results]
+    assert align[0][0] > 0 and align[-1][1] < 0.5 * align[0][0]  # the probe set's statistics moved to the source's
+    # every version file carries the source statistics, so it adapts toward the same target when it serves
+    path = tmp_path / "versions" / "robot@4.pt"
+    assert load_checkpoint(path).extra["feature_stats"] == stats and load_model(path, device="cpu").feature_stats == stats
+
+
+def test_align_weight_zero_or_no_statistics_is_the_mae_loss_alone(tmp_path):
+    adapter, _ = shifted_adapter(tmp_path / "zero", align_weight=0.0)
+    r = adapter.run_round(wait=False)
+    assert r.accepted and r.probe_loss_before == r.probe_mae_before and r.probe_loss_after == r.probe_mae_after
+    adapter, _ = make_adapter(tmp_path / "none", align_weight=1.0)  # serving_model() has no feature_stats
+    r = adapter.run_round(wait=False)
+    assert r.accepted and r.probe_loss_before == r.probe_mae_before
+    assert "feature_stats" not in load_checkpoint(tmp_path / "none" / "versions" / "robot@1.pt").extra

@@ -58,6 +58,9 @@ def test_pretrain_lowers_the_mae_loss(pretrained):
     assert ck.step == 16 and "train_state" not in ck.extra  # a finished run keeps no optimizer state
     assert ck.extra["sampling"] == {"frame_stride_s": 0.1}
     assert ck.extra["train"]["command"] == "pretrain" and ck.extra["train"]["mask_ratio"] == 0.75
+    # what adaptation aligns with: the finished encoder's embedding statistics over its 16 training clips
+    stats = ck.extra["feature_stats"]
+    assert stats["clips"] == 16 and len(stats["mean"]) == len(stats["var"]) == 256 and min(stats["var"]) > 0
 
 
 def test_finetune_lowers_the_loss_and_serves_its_labels(pretrained, data, tmp_path):
@@ -72,6 +75,7 @@ def test_finetune_lowers_the_loss_and_serves_its_labels(pretrained, data, tmp_pa
     model = load_model(out, device="cpu")
     assert model.labels == sorted(ACTIONS)  # ClipDataset's class order, saved in index order
     assert model.model_id == "toy" and model.sampling == {"frame_stride_s": 0.1}
+    assert model.feature_stats["clips"] == 16 and model.feature_stats != load_model(pretrained[0]).feature_stats
     assert model.config.num_classes == 8 and "train_state" not in load_checkpoint(out).extra
     out_logits = model(torch.zeros(2, 3, *model.config.input_size)).logits
     assert out_logits.shape == (2, 8)
