@@ -17,11 +17,13 @@ exception, out of memory) reject the round and leave the deployed weights and ch
 
 The objective is the MAE loss plus, when the model carries its training clips' embedding statistics
 (`feature_stats`, written by every completed `train` run), `align_weight` times the distance of the
-camera's embedding statistics (per-dimension mean and variance, a running average over the clips of
-the round) to them. MAE alone lowered its loss but not the error on this package's embedded model,
-which was trained supervised, not as an MAE: its steps moved features the head reads (TTT++ saw the
-same). The alignment term keeps what the head reads where training left it; MAE keeps the encoder
-describing the new images. `align_weight: 0` is MAE alone.
+camera's embedding statistics to them: the per-dimension mean and variance of the step's batch, and the
+mean of the clips the head confidently gives each class (pseudo-labels) against that class's training
+mean, each a running average over the round's batches (TTT++; the class term as in TTAC, Su et al.,
+NeurIPS 2022). MAE alone lowered its loss but not the error on this package's embedded model, which was
+trained supervised, not as an MAE: its steps moved features the head reads (TTT++ saw the same). The
+alignment keeps what the head reads where training left it; MAE keeps the encoder describing the new
+images. `align_weight: 0` is MAE alone.
 """
 
 from __future__ import annotations
@@ -46,25 +48,38 @@ from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 from hiera_perception.preprocess import preprocess_clip
 
-__all__ = ["AdaptationConfig", "ReplayBuffer", "Adapter", "RoundResult", "TRAINABLE", "STATS_CLIPS", "feature_stats",
-           "alignment_distance"]
+__all__ = ["AdaptationConfig", "ReplayBuffer", "Adapter", "RoundResult", "TRAINABLE", "STATS_CLIPS", "CONFIDENT",
+           "feature_stats", "alignment_distance"]
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("all", "norms", "late")
 STATS_CLIPS = 512  # training clips behind a model's feature_stats
 
 
+CONFIDENT = 0.5  # a clip's pseudo-label (the head's top class) counts for its class at this probability or more
+
+
 @torch.inference_mode()
-def feature_stats(model: Hiera, batches: Iterable[torch.Tensor]) -> dict:
-    """Per-dimension mean and variance of `model`'s embeddings over input batches [B, 3, T, H, W]: the
-    statistics adaptation aligns the camera's embeddings with (JSON-able; checkpoints keep them in extra)."""
+def feature_stats(model: Hiera, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> dict:
+    """Statistics of `model`'s embeddings over (input [B, 3, T, H, W], head class index [B] or None) batches:
+    per-dimension mean and variance, and with labels each head class's mean embedding ("class_mean", None for
+    a class without clips). What adaptation aligns the camera's embeddings with (JSON-able, kept in extra)."""
     was_training = model.training
     model.eval()
-    emb = torch.cat([model.forward_features(x).float().cpu() for x in batches])
+    embs, ys = [], []
+    for x, y in batches:
+        embs.append(model.forward_features(x).float().cpu())
+        ys.append(None if y is None else torch.as_tensor(y).cpu())
     model.train(was_training)
+    emb = torch.cat(embs)
     if len(emb) < 2:
         raise ValueError(f"feature statistics need at least 2 clips, got {len(emb)}")
-    return {"mean": emb.mean(0).tolist(), "var": emb.var(0).tolist(), "clips": len(emb)}
+    stats = {"mean": emb.mean(0).tolist(), "var": emb.var(0).tolist(), "clips": len(emb)}
+    if model.config.num_classes and all(y is not None for y in ys):
+        y = torch.cat(ys)
+        stats["class_mean"] = [emb[y == k].mean(0).tolist() if bool((y == k).any()) else None
+                               for k in range(model.config.num_classes)]
+    return stats
 
 
 def alignment_distance(mean: torch.Tensor, var: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -74,11 +89,11 @@ def alignment_distance(mean: torch.Tensor, var: torch.Tensor, source: tuple[torc
 
 @dataclass
 class AdaptationConfig:
-    lr: float = 1e-5  # at 1e-4 the embedded model's embeddings drifted past the guard within a round
+    lr: float = 2e-5  # at 1e-4 the embedded model's embeddings drifted past the guard within a round
     weight_decay: float = 0.0  # decay would pull weights to zero, away from the model that works
     mask_ratio: float = 0.75
     steps_per_round: int = 20
-    batch_size: int = 4
+    batch_size: int = 8  # the alignment term estimates a variance from the batch
     grad_clip: float = 1.0
     trainable: str = "all"  # "all" trunk parameters, "norms" (LayerNorms only), "late" (last stage + norms)
     train_decoder: bool = True
@@ -88,9 +103,10 @@ class AdaptationConfig:
     align_weight: float = 1.0  # feature-alignment term beside the MAE loss (0: MAE alone; needs feature_stats)
     align_momentum: float = 0.9  # running average of the camera's embedding statistics, per clip
     # Mean cosine of the probe clips' embeddings to the original model's embeddings of the same clips. Under a
-    # strong shift those are the wrong embeddings and correcting it moves them (0.6-0.8 on the lighting shift
-    # with alignment on); 0.5 still stops a runaway, and the alignment term keeps the statistics in place.
-    min_probe_cosine: float = 0.5
+    # strong shift those are the wrong embeddings and correcting it moves them (0.5-0.8 on the lighting shift,
+    # lower on the cluttered backgrounds); 0.3 still stops a runaway, and the alignment term keeps the
+    # statistics where training left them.
+    min_probe_cosine: float = 0.3
     max_loss_increase: float = 0.0  # candidate probe objective <= deployed * (1 + this)
     max_device_share: float = 0.5  # of wall time spent in adaptation steps
     threads: int = 0  # intra-op CPU threads of the adapter's thread (per thread; serving gets the rest); 0 = torch's
@@ -106,6 +122,9 @@ class AdaptationConfig:
             raise ValueError(f"max_device_share must be in (0, 1], got {self.max_device_share}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.align_weight > 0 and min(self.batch_size, self.probe_clips) < 2:
+            raise ValueError("align_weight > 0 needs batch_size and probe_clips >= 2 (it aligns the variance of "
+                             "their embeddings); set align_weight 0 for the MAE loss alone")
         if self.align_weight < 0 or not 0.0 <= self.align_momentum < 1.0:
             raise ValueError(f"align_weight must be >= 0 and align_momentum in [0, 1), got {self.align_weight}, "
                              f"{self.align_momentum}")
@@ -232,13 +251,21 @@ class Adapter:
         self.sampling = dict(getattr(reference or model, "sampling", {}))
         # so do the training clips' embedding statistics, the alignment term's target
         self.feature_stats = getattr(reference or model, "feature_stats", None)
-        self._source = None
+        self._source = self._class_source = None
         if cfg.align_weight > 0 and self.feature_stats:
             self._source = tuple(torch.tensor(self.feature_stats[k], device=self.device) for k in ("mean", "var"))
+            class_mean = self.feature_stats.get("class_mean")
+            if class_mean and model.config.num_classes == len(class_mean):
+                known = torch.tensor([m is not None for m in class_mean], device=self.device)
+                dim = len(self.feature_stats["mean"])
+                means = torch.tensor([m or [0.0] * dim for m in class_mean], device=self.device)
+                self._class_source = (means, known)
         elif cfg.align_weight > 0:
             log.info("%s carries no feature_stats (train writes them): adapting with the MAE loss alone",
                      getattr(model, "model_id", model.config.name))
-        self._running: tuple[torch.Tensor, torch.Tensor] | None = None  # camera embeddings: mean, mean square
+        self._running: tuple[torch.Tensor, torch.Tensor] | None = None  # camera embeddings: mean, variance
+        self._running_class: torch.Tensor | None = None  # [K, C] camera embeddings' mean per pseudo-label
+        self._probe_classes: torch.Tensor | None = None  # the probe clips' pseudo-labels this round (-1: unsure)
         self.version = version
         self.enabled = threading.Event()
         self.enabled.set()
@@ -291,11 +318,19 @@ class Adapter:
         self.replay.add(np.stack(frames) if isinstance(frames, (list, tuple)) else frames)
 
     # ---- the guard ----
+    def _pseudo_labels(self, emb: torch.Tensor) -> torch.Tensor:
+        """[N, C] embeddings -> the head's class per row where it is confident and the class has a source
+        mean, else -1."""
+        with torch.no_grad():
+            conf, k = self.mae.encoder.forward_head(emb).float().softmax(-1).max(-1)
+        return torch.where((conf >= CONFIDENT) & self._class_source[1][k], k, -1)
+
     @torch.no_grad()
-    def _probe_scores(self, wait: bool = False) -> tuple[float, float, float]:
+    def _probe_scores(self, wait: bool = False, start: bool = False) -> tuple[float, float, float]:
         """(objective, its MAE part, mean embedding cosine to the original model) on the probe set, with fixed
-        masks, one clip at a time: with `wait`, inference can take the device between two clips. Also starts
-        the running embedding statistics of the next steps from the probe set's."""
+        masks, one clip at a time: with `wait`, inference can take the device between two clips. With `start`
+        (a round's first scoring) it also fixes the probe clips' pseudo-labels for the round and starts the
+        running embedding statistics of the round's steps from the probe set's."""
         self.mae.eval()
         losses, cos, embs = [], [], []
         for i in range(len(self._probe)):
@@ -313,23 +348,79 @@ class Adapter:
         if self._source is None:
             return mae, mae, float(np.mean(cos))
         e = torch.stack(embs)
-        self._running = (e.mean(0), (e**2).mean(0))
-        align = alignment_distance(e.mean(0), e.var(0), self._source).item()
-        return mae + self.config.align_weight * align, mae, float(np.mean(cos))
+        align = alignment_distance(e.mean(0), e.var(0), self._source)
+        if start:
+            self._running = (e.mean(0), e.var(0))
+        if self._class_source is not None and start:
+            # The class term trains but does not judge: on a few probe clips, each class's mean rests on one or
+            # two clips and the pseudo-labels change between rounds, which made the guard reject at random.
+            self._probe_classes = self._pseudo_labels(e)
+            self._running_class = self._class_source[0].clone()
+            for k in self._probe_classes[self._probe_classes >= 0].unique().tolist():
+                self._running_class[k] = e[self._probe_classes == k].mean(0)
+        return mae + self.config.align_weight * align.item(), mae, float(np.mean(cos))
 
-    def _clip_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """One clip's objective: its MAE loss, plus the alignment of the running embedding statistics (this
-        clip's embedding enters them with weight 1 - align_momentum) with the source's."""
-        loss = self.mae(x, self.config.mask_ratio).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite MAE loss {loss.item()}")
-        if self._source is None:
-            return loss
-        f = self.mae.encoder.forward_features(x)[0].float()
+    def _alignment(self, emb: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """A step's alignment loss from its batch's embeddings [B, C] and pseudo-labels [B] (-1: none): the
+        running mean and variance (this batch enters with weight 1 - align_momentum) against the source's, and
+        the running mean of each pseudo-label's clips against its class mean. Also the updated running state."""
         b = self.config.align_momentum
-        mean, sq = (b * r + (1 - b) * v for r, v in zip(self._running, (f, f**2)))
-        self._running = (mean.detach(), sq.detach())
-        return loss + self.config.align_weight * alignment_distance(mean, sq - mean**2, self._source)
+        mean = b * self._running[0] + (1 - b) * emb.mean(0)
+        var = b * self._running[1] + (1 - b) * emb.var(0)
+        loss = alignment_distance(mean, var, self._source)
+        running_class = self._running_class
+        if self._class_source is not None:
+            running_class = running_class.clone()
+            for k in classes[classes >= 0].unique().tolist():
+                class_mean = b * self._running_class[k] + (1 - b) * emb[classes == k].mean(0)
+                loss = loss + ((class_mean - self._class_source[0][k]) ** 2).sum()
+                running_class[k] = class_mean.detach()
+        return loss, ((mean.detach(), var.detach()), running_class)
+
+    def _step(self, clips: list[np.ndarray], wait: bool) -> float:
+        """Gradient of one step's objective on `clips`, accumulated one clip at a time (the longest stretch
+        inference may have to wait for is one clip's passes, not a batch's); returns the loss.
+
+        The MAE loss is each clip's own. The alignment term depends on the whole batch (its mean and variance),
+        so its embeddings are first computed without gradients, and clip j's backward pass runs the batch loss
+        with only row j live: the sum over j of those gradients is the batch loss's gradient, exactly."""
+        def slot() -> None:
+            if wait and not self._wait_for_slot():
+                raise InterruptedError("adapter stopping")
+
+        align = self._source is not None
+        if align:
+            fixed = []
+            for clip in clips:
+                slot()
+                s0 = time.monotonic()
+                with torch.no_grad():
+                    fixed.append(self.mae.encoder.forward_features(self._batch([clip]))[0].float())
+                self._spent_s += time.monotonic() - s0
+            fixed = torch.stack(fixed)
+            classes = (self._pseudo_labels(fixed) if self._class_source is not None
+                       else torch.full((len(clips),), -1, device=self.device))
+        mae_loss, align_loss = 0.0, 0.0
+        for j, clip in enumerate(clips):
+            slot()
+            s0 = time.monotonic()
+            x = self._batch([clip])
+            loss = self.mae(x, self.config.mask_ratio).loss / len(clips)  # equal masked-patch counts: the mean
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite MAE loss {loss.item() * len(clips)}")
+            mae_loss += loss.item()
+            if align:
+                emb = fixed.clone()
+                emb[j] = self.mae.encoder.forward_features(x)[0].float()
+                a = self.config.align_weight * self._alignment(emb, classes)[0]
+                if not torch.isfinite(a):
+                    raise FloatingPointError(f"non-finite alignment loss {a.item()}")
+                align_loss, loss = a.item(), loss + a  # the same value for every j: the batch's
+            loss.backward()
+            self._spent_s += time.monotonic() - s0
+        if align:
+            self._running, self._running_class = self._alignment(fixed, classes)[1]
+        return mae_loss + align_loss
 
     def _finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.mae.parameters())
@@ -360,25 +451,12 @@ class Adapter:
             res = RoundResult(False, "", self.version)
             new_version = self.version
             try:
-                res.probe_loss_before, res.probe_mae_before, _ = self._probe_scores(wait)
+                res.probe_loss_before, res.probe_mae_before, _ = self._probe_scores(wait, start=True)
                 losses = []
                 self.mae.train()
                 for _ in range(cfg.steps_per_round):
-                    # A step is batch_size clips of gradient, accumulated one clip at a time: the longest
-                    # stretch inference may have to wait for is one clip's forward + backward, not a batch's.
-                    clips = self.replay.sample(cfg.batch_size, self._rng)
                     self.opt.zero_grad(set_to_none=True)
-                    step_loss = 0.0
-                    for clip in clips:
-                        if wait and not self._wait_for_slot():
-                            raise InterruptedError("adapter stopping")
-                        s0 = time.monotonic()
-                        loss = self._clip_loss(self._batch([clip]))
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"non-finite loss {loss.item()}")
-                        (loss / len(clips)).backward()  # equal masked-patch counts: the batch mean
-                        step_loss += loss.item() / len(clips)
-                        self._spent_s += time.monotonic() - s0
+                    step_loss = self._step(self.replay.sample(cfg.batch_size, self._rng), wait)
                     s0 = time.monotonic()
                     torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip)
                     self.opt.step()

@@ -233,13 +233,22 @@ def _schedule(total: int, warmup: int):
     return f
 
 
-def _feature_stats(enc: Hiera, clips: "_Keyed", device: torch.device, batch: int) -> dict:
-    """The trained encoder's embedding statistics over up to STATS_CLIPS of its training clips, evenly spread."""
+def _feature_stats(enc: Hiera, clips: "_Keyed", classes: list[str], labels: list[str], device: torch.device,
+                   batch: int) -> dict:
+    """The trained encoder's embedding statistics over up to STATS_CLIPS of its training clips, evenly spread;
+    per head class too when every clip's label (`classes[y]`, y < 0: none) is one of the head's `labels`."""
     picks = sorted({round(i * (len(clips) - 1) / max(1, min(len(clips), STATS_CLIPS) - 1))
                     for i in range(min(len(clips), STATS_CLIPS))})
-    batches = (clips_to_input(torch.stack([clips[(k, 0)][0] for k in picks[i : i + batch]]), enc.config.mean,
-                              enc.config.std, device) for i in range(0, len(picks), batch))
-    return feature_stats(enc, batches)
+    head = {name: i for i, name in enumerate(labels)} if enc.config.num_classes == len(labels) else {}
+
+    def batches():
+        for i in range(0, len(picks), batch):
+            items = [clips[(k, 0)] for k in picks[i : i + batch]]
+            x = clips_to_input(torch.stack([c for c, _ in items]), enc.config.mean, enc.config.std, device)
+            names = [classes[int(y)] if 0 <= int(y) < len(classes) else None for _, y in items]
+            yield x, (torch.tensor([head[n] for n in names]) if head and all(n in head for n in names) else None)
+
+    return feature_stats(enc, batches())
 
 
 def _set_frozen(model: Hiera, frozen: bool) -> None:
@@ -419,7 +428,7 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
             extra["train_state"] = {"step": step, "total_steps": total, "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict()}
         elif len(indices) >= 2:  # what on-robot adaptation aligns the camera's embeddings with
-            extra["feature_stats"] = _feature_stats(enc, loader_ds, procs.device, args.batch)
+            extra["feature_stats"] = _feature_stats(enc, loader_ds, classes, labels, procs.device, args.batch)
         save_checkpoint(out, model, labels=labels, model_id=model_id, version=0, step=step, extra=extra)
 
     from tqdm import tqdm

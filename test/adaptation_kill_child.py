@@ -32,8 +32,8 @@ def main(out_dir: str, seed: int) -> None:
     else:
         model = load_model(latest, device="cpu")
         mae_state = load_checkpoint(latest).model_state
-    # a guard every finite candidate passes: each round ends in a checkpoint write
-    config = AdaptationConfig(lr=1e-4, steps_per_round=1, batch_size=1, min_clips=2, probe_clips=1,
+    # a guard every finite candidate passes: each round ends in a checkpoint write (one-clip steps: MAE alone)
+    config = AdaptationConfig(lr=1e-4, steps_per_round=1, batch_size=1, min_clips=2, probe_clips=1, align_weight=0.0,
                               min_probe_cosine=-1.0, max_loss_increase=1e9, keep_versions=3, seed=seed)
     adapter = Adapter(model, config, mae_state=mae_state, out_dir=out_dir, version=model.version)
     rng = np.random.default_rng(seed)

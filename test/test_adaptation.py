@@ -115,7 +115,8 @@ def test_replay_buffer_caps_memory_and_evicts_oldest():
      ("mask_ratio", -0.1, "mask_ratio"), ("steps_per_round", 0, "steps_per_round must be >= 1"),
      ("batch_size", 0, "batch_size"), ("min_clips", 0, "min_clips"), ("probe_clips", 0, "probe_clips"),
      ("keep_versions", 0, "keep_versions must be >= 1, got 0"), ("align_weight", -1.0, "align_weight must be >= 0"),
-     ("align_momentum", 1.0, "align_momentum in \\[0, 1\\)")],
+     ("align_momentum", 1.0, "align_momentum in \\[0, 1\\)"),
+     ("batch_size", 1, "align_weight > 0 needs batch_size and probe_clips >= 2")],
 )
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -512,27 +513,36 @@ def test_feature_stats_are_the_embeddings_mean_and_variance():
     model = serving_model()
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(3, 3, 8, 64, 64, generator=g), torch.randn(2, 3, 8, 64, 64, generator=g)]
-    stats = adaptation.feature_stats(model, batches)
+    stats = adaptation.feature_stats(model, [(x, None) for x in batches])
     with torch.no_grad():
         emb = model.forward_features(torch.cat(batches))
     assert stats["clips"] == 5 and len(stats["mean"]) == len(stats["var"]) == model.num_features
+    assert "class_mean" not in stats  # no labels, no class means
     torch.testing.assert_close(torch.tensor(stats["mean"]), emb.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(stats["var"]), emb.var(0), rtol=1e-5, atol=1e-6)
     json.dumps(stats)  # it travels in a checkpoint's extra
     with pytest.raises(ValueError, match="at least 2 clips"):
-        adaptation.feature_stats(model, [batches[1][:1]])
+        adaptation.feature_stats(model, [(batches[1][:1], None)])
+    # with labels (head class indices): each class's mean embedding; class 1 has no clip
+    labelled = adaptation.feature_stats(model, [(batches[0], torch.tensor([0, 2, 0])), (batches[1], torch.tensor([2, 2]))])
+    assert labelled["class_mean"][1] is None and len(labelled["class_mean"]) == len(LABELS)
+    torch.testing.assert_close(torch.tensor(labelled["class_mean"][0]), emb[[0, 2]].mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(labelled["class_mean"][2]), emb[[1, 3, 4]].mean(0), rtol=1e-5, atol=1e-6)
 
 
 def shifted_adapter(tmp_path: Path, align_weight: float) -> tuple[Adapter, dict]:
-    """The source statistics are of bright clips; the camera sends dark ones (a lighting shift)."""
+    """The source statistics are of bright clips; the camera sends dark ones (a lighting shift). The head is
+    sure of class 0 (a bias), so every clip's pseudo-label is 0 and the class term is in play."""
     model = serving_model()
+    with torch.no_grad():
+        model.head.projection.bias.copy_(torch.tensor([6.0, 0.0, 0.0]))
     rng = np.random.default_rng(1)
     bright = [rng.integers(128, 256, size=CLIP, dtype=np.uint8) for _ in range(8)]
     cfg = model.config
     from hiera_perception.preprocess import preprocess_clip
 
-    model.feature_stats = adaptation.feature_stats(
-        model, [torch.cat([preprocess_clip(c, 64, cfg.mean, cfg.std, "cpu") for c in bright])])
+    x = torch.cat([preprocess_clip(c, 64, cfg.mean, cfg.std, "cpu") for c in bright])
+    model.feature_stats = adaptation.feature_stats(model, [(x, torch.arange(8) % len(LABELS))])
     adapter, _ = make_adapter(tmp_path, model, clips=0, align_weight=align_weight, steps_per_round=4, batch_size=4,
                               probe_clips=4, min_clips=8)
     for _ in range(8):
@@ -544,6 +554,7 @@ def test_alignment_pulls_the_camera_embeddings_to_the_training_statistics(tmp_pa
     adapter, stats = shifted_adapter(tmp_path, align_weight=1.0)
     results = [adapter.run_round(wait=False) for _ in range(4)]
     assert all(r.accepted for r in results)
+    assert adapter._probe_classes.tolist() == [0] * 4  # the class term compares the probe clips with class 0's mean
     align = [(r.probe_loss_before - r.probe_mae_before, r.probe_loss_after - r.probe_mae_after) for r in results]
     assert align[0][0] > 0 and align[-1][1] < 0.5 * align[0][0]  # the probe set's statistics moved to the source's
     # every version file carries the source statistics, so it adapts toward the same target when it serves

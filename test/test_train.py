@@ -61,6 +61,7 @@ def test_pretrain_lowers_the_mae_loss(pretrained):
     # what adaptation aligns with: the finished encoder's embedding statistics over its 16 training clips
     stats = ck.extra["feature_stats"]
     assert stats["clips"] == 16 and len(stats["mean"]) == len(stats["var"]) == 256 and min(stats["var"]) > 0
+    assert "class_mean" not in stats  # an MAE encoder without a head has no classes
 
 
 def test_finetune_lowers_the_loss_and_serves_its_labels(pretrained, data, tmp_path):
@@ -76,6 +77,8 @@ def test_finetune_lowers_the_loss_and_serves_its_labels(pretrained, data, tmp_pa
     assert model.labels == sorted(ACTIONS)  # ClipDataset's class order, saved in index order
     assert model.model_id == "toy" and model.sampling == {"frame_stride_s": 0.1}
     assert model.feature_stats["clips"] == 16 and model.feature_stats != load_model(pretrained[0]).feature_stats
+    # each of the 8 classes (2 clips each) has its mean embedding, in the head's order
+    assert [len(m) for m in model.feature_stats["class_mean"]] == [256] * 8
     assert model.config.num_classes == 8 and "train_state" not in load_checkpoint(out).extra
     out_logits = model(torch.zeros(2, 3, *model.config.input_size)).logits
     assert out_logits.shape == (2, 8)
