@@ -50,9 +50,11 @@ _HELP = {
     "train_decoder": "train the decoder too", "replay_mb": "replay buffer cap in MB",
     "min_clips": "clips in the replay before the first round", "probe_clips": "clips of the fixed probe set",
     "min_probe_cosine": "reject a round whose probe embeddings' mean cosine to the input model is below this",
-    "max_loss_increase": "reject a round whose probe objective exceeds the deployed one by this fraction",
-    "align_weight": "weight of the embedding-statistics alignment beside the MAE loss (0: MAE alone)",
-    "align_momentum": "running average of the camera's embedding statistics, per clip",
+    "max_loss_increase": "reject a round whose probe MAE loss + mean/variance alignment exceeds the deployed one's "
+                         "by this fraction",
+    "align_weight": "weight of the embedding-statistics alignment (mean/variance and per-class means) beside the "
+                    "MAE loss (0: MAE alone)",
+    "align_momentum": "running average of the camera's embedding statistics over a round's batches",
     "decoder_warmup_rounds": "rounds training a fresh decoder alone (models without decoder weights)",
 }
 
@@ -67,7 +69,7 @@ class AdaptSummary:
     warmup: int = 0
     version: int = 0
     clips: int = 0
-    probe_loss_before: float = math.nan  # probe objective (MAE + alignment) of the input model
+    probe_loss_before: float = math.nan  # probe MAE loss + mean/variance alignment of the input model
     probe_loss_after: float = math.nan  # ... of the written one
     probe_mae_before: float = math.nan  # its MAE part
     probe_mae_after: float = math.nan

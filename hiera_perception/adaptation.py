@@ -7,8 +7,8 @@ Thrive?", NeurIPS 2021.
 
     clips -> ReplayBuffer (bounded in MB) -> Adapter: MAE steps on a *shadow* copy of the encoder, in
     its own thread, only while inference is idle and within a share of the device -> Guard on a fixed
-    probe set (the round's objective must not rise, embedding cosine to the original model >=
-    threshold, all finite) -> accepted: a new version is checkpointed atomically and handed to `on_accept` (the
+    probe set (MAE loss + mean/variance alignment must not rise, embedding cosine to the original
+    model >= threshold, all finite) -> accepted: a new version is checkpointed atomically and handed to `on_accept` (the
     serving side swaps it in between two clips) | rejected: the shadow returns to the deployed weights.
 
 The classifier head and the final norm are never trained (MAE does not use them), so head labels and
@@ -54,8 +54,6 @@ __all__ = ["AdaptationConfig", "ReplayBuffer", "Adapter", "RoundResult", "TRAINA
 log = logging.getLogger(__name__)
 TRAINABLE = ("all", "norms", "late")
 STATS_CLIPS = 512  # training clips behind a model's feature_stats
-
-
 CONFIDENT = 0.5  # a clip's pseudo-label (the head's top class) counts for its class at this probability or more
 
 
@@ -101,7 +99,7 @@ class AdaptationConfig:
     min_clips: int = 16  # replay size before the first round
     probe_clips: int = 16
     align_weight: float = 1.0  # feature-alignment term beside the MAE loss (0: MAE alone; needs feature_stats)
-    align_momentum: float = 0.9  # running average of the camera's embedding statistics, per clip
+    align_momentum: float = 0.9  # running average of the camera's embedding statistics over a round's batches
     # Mean cosine of the probe clips' embeddings to the original model's embeddings of the same clips. Under a
     # strong shift those are the wrong embeddings and correcting it moves them (0.5-0.8 on the lighting shift,
     # lower on the cluttered backgrounds); 0.3 still stops a runaway, and the alignment term keeps the
@@ -348,9 +346,10 @@ class Adapter:
         if self._source is None:
             return mae, mae, float(np.mean(cos))
         e = torch.stack(embs)
-        align = alignment_distance(e.mean(0), e.var(0), self._source)
+        stats = (e.mean(0), e.var(0))
+        align = alignment_distance(*stats, self._source)
         if start:
-            self._running = (e.mean(0), e.var(0))
+            self._running = stats
         if self._class_source is not None and start:
             # The class term trains but does not judge: on a few probe clips, each class's mean rests on one or
             # two clips and the pseudo-labels change between rounds, which made the guard reject at random.
@@ -389,13 +388,15 @@ class Adapter:
                 raise InterruptedError("adapter stopping")
 
         align = self._source is not None
+        xs = []  # each clip preprocessed once, for both passes
         if align:
             fixed = []
             for clip in clips:
                 slot()
                 s0 = time.monotonic()
+                xs.append(self._batch([clip]))
                 with torch.no_grad():
-                    fixed.append(self.mae.encoder.forward_features(self._batch([clip]))[0].float())
+                    fixed.append(self.mae.encoder.forward_features(xs[-1])[0].float())
                 self._spent_s += time.monotonic() - s0
             fixed = torch.stack(fixed)
             classes = (self._pseudo_labels(fixed) if self._class_source is not None
@@ -404,7 +405,7 @@ class Adapter:
         for j, clip in enumerate(clips):
             slot()
             s0 = time.monotonic()
-            x = self._batch([clip])
+            x = xs[j] if align else self._batch([clip])
             loss = self.mae(x, self.config.mask_ratio).loss / len(clips)  # equal masked-patch counts: the mean
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite MAE loss {loss.item() * len(clips)}")
