@@ -211,7 +211,7 @@ def test_fresh_decoder_warms_up_before_the_encoder_moves(tmp_path):
 @pytest.mark.parametrize(
     "changes, reason",
     [({"min_probe_cosine": 1.01}, "embedding drift: probe cosine"),
-     ({"max_loss_increase": -0.5}, "probe loss rose")],
+     ({"max_loss_increase": -0.5}, "probe MAE loss rose")],
 )
 def test_guard_rejects_and_the_shadow_returns(tmp_path, changes, reason):
     adapter, on_accept = make_adapter(tmp_path, **changes)
@@ -570,3 +570,25 @@ def test_align_weight_zero_or_no_statistics_is_the_mae_loss_alone(tmp_path):
     r = adapter.run_round(wait=False)
     assert r.accepted and r.probe_loss_before == r.probe_mae_before
     assert "feature_stats" not in load_checkpoint(tmp_path / "none" / "versions" / "robot@1.pt").extra
+
+
+def test_running_statistics_live_across_rounds_and_a_rejected_round_leaves_them(tmp_path):
+    adapter, _ = shifted_adapter(tmp_path, align_weight=1.0)
+    assert adapter.run_round(wait=False).accepted
+    # A marker far from any embedding statistic: a round that started over from the probe set would lose it; one
+    # that carries the running statistics on keeps momentum**steps of it (0.9**4 * 1000 = 656).
+    mean, var = adapter._running
+    adapter._running = (mean + 1000.0, var)
+    assert adapter.run_round(wait=False).accepted
+    assert adapter._running[0].min().item() > 500.0
+    carried = tuple(t.clone() for t in adapter._running), adapter._running_class.clone()
+    adapter.config.max_loss_increase = -0.5  # every round is rejected: its batches must not count
+    assert not adapter.run_round(wait=False).accepted
+    torch.testing.assert_close(adapter._running, carried[0], rtol=0, atol=0)
+    torch.testing.assert_close(adapter._running_class, carried[1], rtol=0, atol=0)
+    # a rollback leaves weights the statistics did not describe: the next round starts them from the probe set
+    adapter.config.max_loss_increase = 100.0
+    adapter.rollback(0)
+    assert adapter._running is None and adapter._running_class is None
+    assert adapter.run_round(wait=False).accepted
+    assert adapter._running[0].abs().max().item() < 100.0
