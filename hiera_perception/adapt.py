@@ -50,7 +50,8 @@ _HELP = {
     "train_decoder": "train the decoder too", "replay_mb": "replay buffer cap in MB",
     "min_clips": "clips in the replay before the first round", "probe_clips": "clips of the fixed probe set",
     "min_probe_cosine": "reject a round whose probe embeddings' mean cosine to the input model is below this",
-    "max_loss_increase": "reject a round whose probe MAE loss exceeds the deployed one's by this fraction",
+    "max_loss_increase": "reject a round whose probe MAE loss + mean/variance alignment exceeds the deployed one's "
+                         "by this fraction",
     "align_weight": "weight of the embedding-statistics alignment (mean/variance and per-class means) beside the "
                     "MAE loss (0: MAE alone)",
     "align_momentum": "running average of the camera's embedding statistics over its batches (kept across rounds)",
@@ -83,7 +84,7 @@ class AdaptSummary:
 
 def _reason_kind(reason: str) -> str:
     """A rejection's kind for the summary: loss rose | drift | the fault's exception type."""
-    if reason.startswith("probe MAE loss rose"):
+    if reason.startswith("probe loss rose"):
         return "loss rose"
     if reason.startswith("embedding drift"):
         return "drift"

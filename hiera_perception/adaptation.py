@@ -7,8 +7,8 @@ Thrive?", NeurIPS 2021.
 
     clips -> ReplayBuffer (bounded in MB) -> Adapter: MAE steps on a *shadow* copy of the encoder, in
     its own thread, only while inference is idle and within a share of the device -> Guard on a fixed
-    probe set (MAE loss must not rise, embedding cosine to the original model >= threshold, all finite)
-    -> accepted: a new version is checkpointed atomically and handed to `on_accept` (the serving side
+    probe set (MAE loss + mean/variance alignment must not rise, embedding cosine to the original model
+    >= threshold, all finite) -> accepted: a new version is checkpointed atomically and handed to `on_accept` (the serving side
     swaps it in between two clips) | rejected: the shadow returns to the deployed weights.
 
 The classifier head and the final norm are never trained (MAE does not use them), so head labels and
@@ -25,10 +25,9 @@ the error on this package's embedded model, which was trained supervised, not as
 features the head reads (TTT++ saw the same). The alignment keeps what the head reads where training left
 it; MAE keeps the encoder describing the new images. `align_weight: 0` is MAE alone.
 
-The guard judges the MAE loss, as the probe's alignment is no judge: 16 probe clips have their own class mix,
-so the distance of their embedding statistics to the training set's is mostly that mix. On the lighting shift
-it swung between 69 and 111 from round to round while the training objective fell from 40 to 19, and judging
-by it rejected rounds at random (11 of 20).
+The guard judges MAE + mean/variance alignment, not the MAE loss alone: the probe MAE loss moved by 0.01-3%
+from round to round whatever a round did, and judged by it alone the shift benchmark recovered 32% of the
+loss on average and cost 3.0 clean points (adapting to blur, which costs no accuracy, lost 3.0 too), against 40% and 1.7.
 """
 
 from __future__ import annotations
@@ -110,7 +109,7 @@ class AdaptationConfig:
     # lower on the cluttered backgrounds); 0.3 still stops a runaway, and the alignment term keeps the
     # statistics where training left them.
     min_probe_cosine: float = 0.3
-    max_loss_increase: float = 0.0  # candidate probe MAE loss <= deployed * (1 + this)
+    max_loss_increase: float = 0.0  # candidate probe objective <= deployed * (1 + this)
     max_device_share: float = 0.5  # of wall time spent in adaptation steps
     threads: int = 0  # intra-op CPU threads of the adapter's thread (per thread; serving gets the rest); 0 = torch's
     round_interval_s: float = 5.0
@@ -357,6 +356,8 @@ class Adapter:
         if start and self._running is None:
             self._running = stats
         if self._class_source is not None and start and self._running_class is None:
+            # The class term trains but does not judge: on a few probe clips, each class's mean rests on one or
+            # two clips and the pseudo-labels change between rounds, which made the guard reject at random.
             self._probe_classes = self._pseudo_labels(e)
             self._running_class = self._class_source[0].clone()
             for k in self._probe_classes[self._probe_classes >= 0].unique().tolist():
@@ -481,9 +482,9 @@ class Adapter:
                     if self.rounds >= cfg.decoder_warmup_rounds:
                         self.decoder_warmup = False
                         self._make_optimizer()
-                elif res.probe_mae_after > res.probe_mae_before * (1 + cfg.max_loss_increase):
-                    res.reason = (f"probe MAE loss rose {res.probe_mae_before:.4f} -> {res.probe_mae_after:.4f} "
-                                  f"(objective {res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f})")
+                elif res.probe_loss_after > res.probe_loss_before * (1 + cfg.max_loss_increase):
+                    res.reason = (f"probe loss rose {res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f} "
+                                  f"(MAE {res.probe_mae_before:.4f} -> {res.probe_mae_after:.4f})")
                 elif res.probe_cosine < cfg.min_probe_cosine:
                     res.reason = f"embedding drift: probe cosine {res.probe_cosine:.4f} < {cfg.min_probe_cosine}"
                 else:

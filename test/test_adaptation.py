@@ -211,7 +211,7 @@ def test_fresh_decoder_warms_up_before_the_encoder_moves(tmp_path):
 @pytest.mark.parametrize(
     "changes, reason",
     [({"min_probe_cosine": 1.01}, "embedding drift: probe cosine"),
-     ({"max_loss_increase": -0.5}, "probe MAE loss rose")],
+     ({"max_loss_increase": -0.5}, "probe loss rose")],
 )
 def test_guard_rejects_and_the_shadow_returns(tmp_path, changes, reason):
     adapter, on_accept = make_adapter(tmp_path, **changes)
