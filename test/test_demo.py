@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import ros_helpers as rh
 
 ROOT = Path(__file__).resolve().parent.parent
 # The CLI when it has the command, else the module's own parser (the same add_arguments / main).
@@ -53,7 +54,7 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
     from hiera_perception.checkpoint import DEFAULT_MODEL, MODELS_DIR
 
     embedded = (MODELS_DIR / DEFAULT_MODEL).is_file()
-    args = ["--duration", "8"]
+    args = ["--duration", "12"]
     if not embedded:  # until the embedded model ships: random weights with the synthetic action names
         import torch
 
@@ -65,7 +66,8 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
         torch.manual_seed(0)
         model = Hiera(get_config("hiera_tiny_8x64", num_classes=len(ACTIONS)))
         args += ["--model", str(save_checkpoint(tmp_path / "random.pt", model, labels=list(ACTIONS), model_id="rnd"))]
-    env = dict(os.environ, ROS_DOMAIN_ID=str(random.SystemRandom().randint(60, 90)),
+    # the module's own domain, as every ROS test module has: a random one could meet another module's nodes
+    env = dict(os.environ, ROS_DOMAIN_ID=str(rh.domain_id(5)),
                ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", RUN_DEMO, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=240)
@@ -74,9 +76,9 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
     out = proc.stdout.splitlines()
     lines = [LINE.match(line) for line in out[:-1]]
     assert all(lines), f"every line but the last is a clip: {out}"
-    assert len(lines) >= 8, "8 s of clips at the node's hop (0.5 s)"
+    assert len(lines) >= 12, f"12 s of clips at the node's hop (0.5 s): {out}"
     times = [float(m.group(1)) for m in lines]
-    assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))
+    assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:])), out
     summary = SUMMARY.match(out[-1])
     assert summary, out[-1]
     clips, clips_per_s, share, scored, p50, p95, camera_fps = summary.groups()
@@ -93,10 +95,11 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
     assert all((">" in m.group(2)) == bool(m.group(7)) for m in lines)
     if embedded:
         # The model's claim is on clips within one action (100% of 80 in a quiet 60 s run); across a change either
-        # action it shows on a third of its frames counts. In 8 s, how many clips straddle depends on start-up
-        # timing, so the overall share has a floor under the 90% a minute gives.
+        # action it shows on a third of its frames counts. In a short run, how many clips straddle depends on
+        # start-up timing, so the overall share has a floor under the 90% a minute gives. 12 s, not 8: two misses
+        # among the ~14 single-action clips of 8 s broke 90% (1 run in 8 here, after a 2.7 s stall with no clip).
         single = [m.group(6) for t, m in zip(times, lines) if t >= 1.0 and m.group(6) and not m.group(7)]
-        assert len(single) >= 5 and single.count("ok") >= 0.9 * len(single), "the embedded model names the actions"
+        assert len(single) >= 5 and single.count("ok") >= 0.9 * len(single), f"the embedded model names the actions: {out}"
         assert float(share) >= 80.0
     else:
         assert lines[0].group(4) == "rnd@0"
