@@ -8,8 +8,9 @@ Thrive?", NeurIPS 2021.
     clips -> ReplayBuffer (bounded in MB) -> Adapter: MAE steps on a *shadow* copy of the encoder, in
     its own thread, only while inference is idle and within a share of the device -> Guard on a fixed
     probe set (MAE loss + mean/variance alignment must not rise, embedding cosine to the original model
-    >= threshold, all finite) -> accepted: a new version is checkpointed atomically and handed to `on_accept` (the serving side
-    swaps it in between two clips) | rejected: the shadow returns to the deployed weights.
+    >= threshold, all finite) -> accepted: a new version is checkpointed atomically and handed to
+    `on_accept` (the serving side swaps it in between two clips) | rejected: the shadow returns to the
+    deployed weights.
 
 The classifier head and the final norm are never trained (MAE does not use them), so head labels and
 taught prototypes stay meaningful while the trunk adapts. Faults inside a round (NaN loss, an
@@ -104,7 +105,7 @@ class AdaptationConfig:
     min_clips: int = 16  # replay size before the first round
     probe_clips: int = 16
     align_weight: float = 1.0  # feature-alignment term beside the MAE loss (0: MAE alone; needs feature_stats)
-    align_momentum: float = 0.9  # running average of the camera's embedding statistics over its batches (kept across rounds)
+    align_momentum: float = 0.9  # running average of the camera's embedding statistics (kept across rounds)
     # Mean cosine of the probe clips' embeddings to the original model's embeddings of the same clips. Under a
     # strong shift those are the wrong embeddings and correcting it moves them (0.5-0.8 on the lighting shift,
     # lower on the cluttered backgrounds); 0.3 still stops a runaway, and the alignment term keeps the

@@ -127,8 +127,7 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
         "Reject a round whose probe embeddings' mean cosine to the original model falls below this", -1.0, 1.0)),
     "adaptation.max_loss_increase": (_ADAPT.max_loss_increase, _desc(
         "Reject a round whose probe MAE loss + mean/variance alignment exceeds the deployed one by more than this "
-        "fraction",
-        0.0, 1.0e6)),
+        "fraction", 0.0, 1.0e6)),
     "adaptation.max_device_share": (_ADAPT.max_device_share, _desc(
         "Largest share of wall time spent in adaptation (it also yields whenever inference has work)", 0.01, 1.0)),
     "adaptation.threads": (_ADAPT.threads, _desc(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -67,8 +66,7 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
         model = Hiera(get_config("hiera_tiny_8x64", num_classes=len(ACTIONS)))
         args += ["--model", str(save_checkpoint(tmp_path / "random.pt", model, labels=list(ACTIONS), model_id="rnd"))]
     # the module's own domain, as every ROS test module has: a random one could meet another module's nodes
-    env = dict(os.environ, ROS_DOMAIN_ID=str(rh.domain_id(5)),
-               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONPATH=str(ROOT))
+    env = rh.ros_env(rh.domain_id(5))
     proc = subprocess.run([sys.executable, "-c", RUN_DEMO, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
