@@ -11,12 +11,21 @@ A thin adapter over the core (DESIGN.md, STYLE.md habits 1-8):
     timer:           counters -> /diagnostics (DiagnosticArray) + a throttled info summary
     services:        ~/teach (TeachLabel), ~/adaptation/enable (SetBool), ~/adaptation/rollback, ~/adaptation/save
 
-Threads and callback groups (main() spins a MultiThreadedExecutor): the image callback, the diagnostics
-timer and the parameter callbacks share the node's default mutually exclusive group, so the ClipBuffer
-has one caller. The adaptation services are in a group of their own, and the teach service in another:
-they wait (for a round in progress, for the recording to end) without stalling the camera. Only the
-worker thread runs the Engine; services hand it work and wait with a bounded timeout. The worker and
-the callbacks share the clip queue, the counters, `top_k` and the teach job, all under `self._cond`.
+Threads: main() spins a SingleThreadedExecutor, so every callback runs in one thread and the ClipBuffer
+has one caller. Services that wait (for a round in progress, for a recording to end) are coroutines: their
+blocking part runs in a helper thread (`_off_executor`) and the executor goes on serving the camera while
+they await it. The adaptation services share a mutually exclusive group (one at a time), the teach service
+has its own. Only the worker thread runs the Engine; services hand it work and wait with a bounded
+timeout. The worker and the callbacks share the clip queue, the counters, `top_k` and the teach job, all
+under `self._cond`.
+
+Why not rclpy's MultiThreadedExecutor (the node's first executor): in rclpy 9.1 (Kilted) it submits a
+callback that still waits for a pool thread again on every wake-up, and scans all its pending futures each
+time, under the GIL. With the worker's inference competing for the GIL the list grew until the executor
+thread held a core for seconds (py-spy: `_spin_once_impl` -> `Future.done`): frames were not taken, the
+best-effort queue dropped them and clips stopped. Synthetic camera at 30 fps, 2 cores, runs of 25-40 s:
+clips stopped for 1-3 s in 3 of 20 runs, a frame came > 0.2 s late in 7; with one executor thread, in 0
+of 10 (ros2/rclpy#1452).
 
 Shape follows ros2/examples (`main`, callback groups), ros2/demos (parameter callbacks, overridable QoS,
 lost message counting) and mgonzs13/yolo_ros (one declaration block, output copies the input header).
@@ -32,17 +41,17 @@ import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
+from rclpy.task import Future
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from hiera_perception_msgs.msg import ActionFeatures
@@ -70,7 +79,6 @@ _WARN_EVERY_S = 5.0  # throttle of per-frame warnings
 _SUMMARY_EVERY_S = 10.0  # throttle of the info summary
 TEACH_MAX_S = 60.0  # longest TeachLabel recording
 _TEACH_MARGIN_S = 30.0  # the teach service's wait beyond `seconds`: the last clip's inference, then the teaching
-_EXECUTOR_THREADS = 4  # default group, adaptation services, teach service, and one spare
 
 
 class _ToRosLogger(logging.Handler):
@@ -159,8 +167,8 @@ class PerceptionNode(Node):
         self._recon_pub = self.create_publisher(Image, "~/reconstruction",
                                                 QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE))
 
-        # Services wait (for a round in progress, for a recording): each kind in a group of its own, so they
-        # never hold up the image callback, nor each other. The model work they ask for is done by the worker.
+        # Services wait (for a round in progress, for a recording) off the executor thread (_off_executor); a
+        # group per kind keeps requests of one kind in order. The model work they ask for is done by the worker.
         self._adaptation_group = MutuallyExclusiveCallbackGroup()
         self._teach_group = MutuallyExclusiveCallbackGroup()
         self._learning_services = [
@@ -172,7 +180,6 @@ class PerceptionNode(Node):
         ]
 
         self._adaptation: LiveAdaptation | None = None  # set once, at start or by the enable service
-        self._adaptation_lock = threading.Lock()
         if cfg.adaptation_enabled:
             try:
                 self._adaptation = self._start_adaptation(mae_state, reference)
@@ -399,18 +406,35 @@ class PerceptionNode(Node):
 
     # ------------------------------------------------------------------ services
 
-    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+    async def _off_executor(self, call: Callable[[], Any]) -> Any:
+        """`call()` in a helper thread, awaited: the executor thread goes on taking frames meanwhile. Its
+        result, or its exception raised here."""
+        done: Future = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(call())
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting service
+                done.set_exception(e)
+            executor = self.executor
+            if executor is not None:  # resume the awaiting service now, not at the next frame
+                executor.wake()
+
+        threading.Thread(target=run, name="hiera_perception_service", daemon=True).start()
+        return await done
+
+    async def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         """Adaptation on or off. The first `true` of a node started without it builds the Adapter (from the
-        serving model; no resume) in this thread; the worker serves on meanwhile."""
-        with self._adaptation_lock:
-            live = self._adaptation
-            if request.data and live is None:
-                try:
-                    live = self._adaptation = self._start_adaptation(decoder_state_of(self._engine.model), None)
-                except (ValueError, OSError) as e:
-                    response.success, response.message = False, f"adaptation could not start: {e}"
-                    self.get_logger().error(response.message)
-                    return response
+        serving model; no resume); the worker serves on meanwhile."""
+        live = self._adaptation
+        if request.data and live is None:
+            try:
+                live = self._adaptation = await self._off_executor(
+                    lambda: self._start_adaptation(decoder_state_of(self._engine.model), None))
+            except (ValueError, OSError) as e:
+                response.success, response.message = False, f"adaptation could not start: {e}"
+                self.get_logger().error(response.message)
+                return response
         if live is not None:
             live.set_enabled(request.data)
         response.success = True
@@ -419,14 +443,14 @@ class PerceptionNode(Node):
         self.get_logger().info(response.message)
         return response
 
-    def _on_rollback(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+    async def _on_rollback(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         """Back to the previous kept version (or the base model). Waits for a round in progress to end."""
         live = self._adaptation
         if live is None:
             response.success, response.message = False, "adaptation is off: nothing to roll back"
             return response
         try:
-            version = live.rollback()
+            version = await self._off_executor(live.rollback)
         except (ValueError, OSError) as e:  # nothing older, or a kept file that cannot be read
             response.success, response.message = False, f"rollback failed: {e}"
             return response
@@ -435,23 +459,23 @@ class PerceptionNode(Node):
         self.get_logger().info(response.message)
         return response
 
-    def _on_save(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+    async def _on_save(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         """Checkpoint the deployed version now. Waits for a round in progress to end."""
         live = self._adaptation
         if live is None:
             response.success, response.message = False, "adaptation is off: nothing to save"
             return response
         try:
-            path = live.save()
+            path = await self._off_executor(live.save)
         except (ValueError, OSError) as e:
             response.success, response.message = False, f"save failed: {e}"
             return response
         response.success, response.message = True, str(path)
         return response
 
-    def _on_teach(self, request: TeachLabel.Request, response: TeachLabel.Response) -> TeachLabel.Response:
+    async def _on_teach(self, request: TeachLabel.Request, response: TeachLabel.Response) -> TeachLabel.Response:
         """Record the clips served during the next `seconds`, then the worker learns them as `label`. Answers
-        when done, at most `seconds` + a margin later (this group's thread waits; nothing else does)."""
+        when done, at most `seconds` + a margin later."""
         try:
             job = TeachJob.start(request.label, float(request.seconds), TEACH_MAX_S)
         except ValueError as e:
@@ -464,7 +488,7 @@ class PerceptionNode(Node):
             self._teach_job = job
             self._cond.notify()
         self.get_logger().info(f"recording {job.label!r} for {request.seconds:.3g} s")
-        if not job.done.wait(float(request.seconds) + _TEACH_MARGIN_S):
+        if not await self._off_executor(lambda: job.done.wait(float(request.seconds) + _TEACH_MARGIN_S)):
             response.success = False
             response.message = f"the worker did not finish teaching {job.label!r} in time (is it overloaded?)"
             return response
@@ -588,8 +612,7 @@ class PerceptionNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    # Several threads: the services wait (module docstring) while the camera keeps flowing.
-    return spin_node(PerceptionNode, NODE_NAME, args, executor=lambda: MultiThreadedExecutor(num_threads=_EXECUTOR_THREADS))
+    return spin_node(PerceptionNode, NODE_NAME, args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException, Executor, SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.logging import get_logger
 from rclpy.node import Node
 
@@ -45,7 +45,6 @@ def declare_all(node: Node, table: dict[str, tuple[Any, ParameterDescriptor]],
 
 
 def spin_node(make_node: Callable[[], Node], name: str, args: list[str] | None = None,
-              executor: Callable[[], Executor] = SingleThreadedExecutor,
               until: Callable[[Node], Any] | None = None) -> int:
     """rclpy.init, the node until Ctrl-C (or until the future `until(node)` completes); 0, or 2 when the node
     refuses its parameters (ValueError)."""
@@ -56,7 +55,7 @@ def spin_node(make_node: Callable[[], Node], name: str, args: list[str] | None =
             except ValueError as e:
                 get_logger(name).fatal(str(e))
                 return 2
-            ex = executor()
+            ex = SingleThreadedExecutor()
             ex.add_node(node)
             try:
                 if until is None:
