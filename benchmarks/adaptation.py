@@ -8,6 +8,7 @@ clips. Recovered = (after - before) / (clean - before): the share of the shift's
 
     python -m benchmarks adaptation                       # the embedded model, every shift
     python -m benchmarks adaptation --shifts blur noise --rounds 20
+    python -m benchmarks adaptation --repeats 3            # what the README quotes
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feature-alignment weight beside the MAE loss (0: MAE alone)")
     p.add_argument("--min-probe-cosine", type=float, default=AdaptationConfig.min_probe_cosine,
                    help="the guard's drift bound")
-    p.add_argument("--seed", type=int, default=7, help="test clips use this seed, adapt clips seed + 1")
+    p.add_argument("--seed", type=int, default=7, help="test clips use this seed, adapt clips seed + 1 + repeat")
+    p.add_argument("--repeats", type=int, default=1, help="adaptation runs per shift, averaged (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default=None, help="folder for data and adapted models (default: a temporary one)")
     p.add_argument("--name", default="adaptation_cpu", help="results file name")
@@ -80,30 +82,43 @@ def run(args, work: Path) -> dict:
     base_clean = acc(base, clean)
     base_emb = embeddings(base, clean)
     print(f"{base.encoder_version}: clean accuracy {base_clean:.3f}", flush=True)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     rows = []
     for shift in args.shifts:
         t0 = time.monotonic()
         test = data(f"test_{shift}", shift, args.test_clips, args.seed)
-        pool = data(f"adapt_{shift}", shift, args.adapt_clips, args.seed + 1, unlabeled=True)
         before = acc(base, test)
-        config = AdaptationConfig(lr=args.lr, trainable=args.trainable, align_weight=args.align_weight,
-                                  min_probe_cosine=args.min_probe_cosine)
-        summary = adapt_offline(args.model, work / f"adapted_{shift}.pt", data=str(pool), config=config,
-                                rounds=args.rounds, device=args.device, progress=False)
-        adapted = Engine(str(summary.out), device=args.device)
-        after, clean_after = acc(adapted, test), acc(adapted, clean)
         lost = base_clean - before
-        row = {"shift": shift, "clean": base_clean, "before": before, "after": after,
-               "recovered": (after - before) / lost if lost > 0 else None, "clean_after": clean_after,
-               "clean_drop_points": 100 * (base_clean - clean_after),
-               "drift_cosine": mean_cosine(embeddings(adapted, clean), base_emb),
-               "version": summary.version, "accepted": summary.accepted, "rejected": summary.rejected,
-               "reasons": dict(summary.reasons), "seconds": time.monotonic() - t0}
-        rows.append(row)
-        rec = "-" if row["recovered"] is None else f"{100 * row['recovered']:.0f}%"
-        print(f"{shift}: {before:.3f} -> {after:.3f} (recovered {rec}), clean {base_clean:.3f} -> {clean_after:.3f}, "
-              f"drift cosine {row['drift_cosine']:.4f}, {summary.accepted}/{summary.rounds} rounds accepted",
-              flush=True)
+        runs = []
+        for r in range(args.repeats):
+            pool = data(f"adapt_{shift}_{r}", shift, args.adapt_clips, args.seed + 1 + r, unlabeled=True)
+            config = AdaptationConfig(lr=args.lr, trainable=args.trainable, align_weight=args.align_weight,
+                                      min_probe_cosine=args.min_probe_cosine, seed=r)
+            summary = adapt_offline(args.model, work / f"adapted_{shift}_{r}.pt", data=str(pool), config=config,
+                                    rounds=args.rounds, device=args.device, progress=False)
+            adapted = Engine(str(summary.out), device=args.device)
+            after, clean_after = acc(adapted, test), acc(adapted, clean)
+            runs.append({"after": after, "recovered": (after - before) / lost if lost > 0 else None,
+                         "clean_after": clean_after, "clean_drop_points": 100 * (base_clean - clean_after),
+                         "drift_cosine": mean_cosine(embeddings(adapted, clean), base_emb),
+                         "version": summary.version, "accepted": summary.accepted, "rejected": summary.rejected,
+                         "reasons": dict(summary.reasons)})
+            rec = "-" if runs[-1]["recovered"] is None else f"{100 * runs[-1]['recovered']:.0f}%"
+            print(f"{shift} #{r}: {before:.3f} -> {after:.3f} (recovered {rec}), clean {base_clean:.3f} -> "
+                  f"{clean_after:.3f}, drift cosine {runs[-1]['drift_cosine']:.4f}, "
+                  f"{summary.accepted}/{summary.rounds} rounds accepted", flush=True)
+        # The test clips are fixed, so the mean of `after` and the mean of `recovered` tell the same.
+        after = float(np.mean([x["after"] for x in runs]))
+        rec = [x["recovered"] for x in runs if x["recovered"] is not None]
+        rows.append({"shift": shift, "clean": base_clean, "before": before, "after": after,
+                     "recovered": float(np.mean(rec)) if rec else None,
+                     "recovered_range": [min(rec), max(rec)] if rec else None,
+                     "clean_after": float(np.mean([x["clean_after"] for x in runs])),
+                     "clean_drop_points": float(np.mean([x["clean_drop_points"] for x in runs])),
+                     "drift_cosine": float(np.mean([x["drift_cosine"] for x in runs])),
+                     "accepted": sum(x["accepted"] for x in runs),
+                     "rejected": sum(x["rejected"] for x in runs), "runs": runs, "seconds": time.monotonic() - t0})
     rec = [r["recovered"] for r in rows if r["recovered"] is not None]
     mean = {"recovered": float(np.mean(rec)) if rec else None,
             "clean_drop_points": float(np.mean([r["clean_drop_points"] for r in rows])),
@@ -112,8 +127,13 @@ def run(args, work: Path) -> dict:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
 
-    table_rows = [[r["shift"], pct(r["clean"]), pct(r["before"]), pct(r["after"]),
-                   "-" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%", pct(r["clean_after"]),
+    def recovered(r):
+        if r["recovered"] is None:
+            return "-"
+        lo, hi = r["recovered_range"]
+        return f"{100 * r['recovered']:.0f}%" + (f" ({100 * lo:.0f} to {100 * hi:.0f})" if len(r["runs"]) > 1 else "")
+
+    table_rows = [[r["shift"], pct(r["clean"]), pct(r["before"]), pct(r["after"]), recovered(r), pct(r["clean_after"]),
                    f"{r['drift_cosine']:.4f}", f"{r['accepted']}/{r['accepted'] + r['rejected']}"] for r in rows]
     table_rows.append(["**mean**", pct(base_clean), pct(mean["before"]), pct(mean["after"]),
                        "-" if mean["recovered"] is None else f"**{100 * mean['recovered']:.0f}%**",
@@ -121,9 +141,11 @@ def run(args, work: Path) -> dict:
     return {"model": base.encoder_version, "device": args.device, "rounds": args.rounds, "lr": args.lr,
             "trainable": args.trainable, "align_weight": args.align_weight,
             "min_probe_cosine": args.min_probe_cosine, "test_clips": args.test_clips, "adapt_clips": args.adapt_clips,
-            "seed": args.seed, "rows": rows, "mean": mean,
+            "seed": args.seed, "repeats": args.repeats, "rows": rows, "mean": mean,
             "title": f"Adaptation under shift (accuracy %, {args.test_clips} test clips per set, adapted on "
-                     f"{args.adapt_clips} other unlabeled clips, {args.rounds} rounds)",
+                     f"{args.adapt_clips} other unlabeled clips, {args.rounds} rounds"
+                     + (f"; mean of {args.repeats} adaptation runs per shift, range in brackets" if args.repeats > 1
+                        else "") + ")",
             "table": {"columns": ["shift", "clean", "shifted before", "shifted after", "recovered", "clean after",
                                   "drift cosine", "accepted rounds"], "rows": table_rows}}
 

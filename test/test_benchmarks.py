@@ -31,7 +31,7 @@ def test_adaptation_benchmark_bookkeeping(always_wave, tmp_path):
     # A head that always says "wave": every balanced set scores exactly 1/8 before and after adaptation (which
     # moves the encoder, not the head), so nothing was lost and nothing recovered.
     cmd = [sys.executable, "-m", "benchmarks", "adaptation", "--model", str(always_wave), "--shifts", "blur", "noise",
-           "--test-clips", "8", "--adapt-clips", "20", "--rounds", "2", "--work", str(tmp_path / "work"),
+           "--test-clips", "8", "--adapt-clips", "20", "--rounds", "2", "--repeats", "2", "--work", str(tmp_path / "work"),
            "--out", str(tmp_path), "--name", "adaptation_test"]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=600, capture_output=True)
     res = json.loads((tmp_path / "adaptation_test.json").read_text())
@@ -39,10 +39,15 @@ def test_adaptation_benchmark_bookkeeping(always_wave, tmp_path):
     for r in res["rows"]:
         assert r["clean"] == r["before"] == r["after"] == r["clean_after"] == 1 / 8
         assert r["recovered"] is None and r["clean_drop_points"] == 0
-        assert -1.0 <= r["drift_cosine"] <= 1.0 + 1e-6 and r["accepted"] + r["rejected"] <= 2
-    # adapt and test sets never share a clip: different seeds, and the adapt sets carry no labels
+        assert -1.0 <= r["drift_cosine"] <= 1.0 + 1e-6 and r["accepted"] + r["rejected"] <= 2 * 2
+        assert len(r["runs"]) == 2 and r["recovered_range"] is None
+    # adapt and test sets never share a clip: different seeds, and the adapt sets carry no labels; each repeat
+    # adapts on clips of its own
     work = tmp_path / "work"
-    assert "wave" not in (work / "adapt_blur" / "labels.csv").read_text()
+    pools = [work / f"adapt_blur_{r}" for r in (0, 1)]
+    assert all("wave" not in (p / "labels.csv").read_text() for p in pools)
+    first = [next(p for p in sorted(pool.iterdir()) if p.name.startswith("clip_")).read_bytes() for pool in pools]
+    assert first[0] != first[1]
     assert len(res["table"]["rows"]) == 3 and res["mean"]["recovered"] is None
 
 
