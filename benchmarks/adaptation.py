@@ -14,6 +14,7 @@ clips. Recovered = (after - before) / (clean - before): the share of the shift's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import write_result
-from hiera_perception.adapt import adapt_offline
-from hiera_perception.adaptation import AdaptationConfig
+from hiera_perception.adapt import adapt_offline, add_config_arguments, config_from
 from hiera_perception.dataset import ClipDataset
 from hiera_perception.engine import Engine
 from hiera_perception.evaluate import evaluate
@@ -35,18 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-clips", type=int, default=200, help="labelled clips per test set (default 200)")
     p.add_argument("--adapt-clips", type=int, default=200, help="unlabeled clips to adapt on (default 200)")
     p.add_argument("--rounds", type=int, default=20, help="adaptation rounds per shift (default 20)")
-    p.add_argument("--lr", type=float, default=AdaptationConfig.lr)
-    p.add_argument("--trainable", default=AdaptationConfig.trainable, choices=("all", "norms", "late"))
-    p.add_argument("--align-weight", type=float, default=AdaptationConfig.align_weight,
-                   help="feature-alignment weight beside the MAE loss (0: MAE alone)")
-    p.add_argument("--min-probe-cosine", type=float, default=AdaptationConfig.min_probe_cosine,
-                   help="the guard's drift bound")
     p.add_argument("--seed", type=int, default=7, help="test clips use this seed, adapt clips seed + 1 + repeat")
     p.add_argument("--repeats", type=int, default=1, help="adaptation runs per shift, averaged (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default=None, help="folder for data and adapted models (default: a temporary one)")
     p.add_argument("--name", default="adaptation_cpu", help="results file name")
     p.add_argument("--out", default=None)
+    add_config_arguments(p)  # the adapter's settings, as `hiera-perception adapt` takes them
 
 
 def embeddings(engine: Engine, folder: Path, batch: int = 16) -> np.ndarray:
@@ -93,8 +88,7 @@ def run(args, work: Path) -> dict:
         runs = []
         for r in range(args.repeats):
             pool = data(f"adapt_{shift}_{r}", shift, args.adapt_clips, args.seed + 1 + r, unlabeled=True)
-            config = AdaptationConfig(lr=args.lr, trainable=args.trainable, align_weight=args.align_weight,
-                                      min_probe_cosine=args.min_probe_cosine, seed=r)
+            config = config_from(args, seed=r)
             summary = adapt_offline(args.model, work / f"adapted_{shift}_{r}.pt", data=str(pool), config=config,
                                     rounds=args.rounds, device=args.device, progress=False)
             adapted = Engine(str(summary.out), device=args.device)
@@ -138,9 +132,9 @@ def run(args, work: Path) -> dict:
     table_rows.append(["**mean**", pct(base_clean), pct(mean["before"]), pct(mean["after"]),
                        "-" if mean["recovered"] is None else f"**{100 * mean['recovered']:.0f}%**",
                        f"{-mean['clean_drop_points']:+.1f} pts", "", ""])
-    return {"model": base.encoder_version, "device": args.device, "rounds": args.rounds, "lr": args.lr,
-            "trainable": args.trainable, "align_weight": args.align_weight,
-            "min_probe_cosine": args.min_probe_cosine, "test_clips": args.test_clips, "adapt_clips": args.adapt_clips,
+    settings = {k: v for k, v in dataclasses.asdict(config_from(args)).items() if k != "seed"}  # seed: per repeat
+    return {"model": base.encoder_version, "device": args.device, "rounds": args.rounds, "adaptation": settings,
+            "test_clips": args.test_clips, "adapt_clips": args.adapt_clips,
             "seed": args.seed, "repeats": args.repeats, "rows": rows, "mean": mean,
             "title": f"Adaptation under shift (accuracy %, {args.test_clips} test clips per set, adapted on "
                      f"{args.adapt_clips} other unlabeled clips, {args.rounds} rounds"

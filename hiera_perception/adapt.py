@@ -242,6 +242,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_config_arguments(p)
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """A flag per AdaptationConfig field the offline run uses (`--lr`, `--probe-clips`, ...), defaults from it."""
     g = p.add_argument_group("adaptation settings (AdaptationConfig, as the node's adaptation.* parameters)")
     for f in dataclasses.fields(AdaptationConfig):
         if f.name in _ONLINE_ONLY:
@@ -254,10 +259,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
 
 
-def main(args: argparse.Namespace) -> int:
+def config_from(args: argparse.Namespace, **fixed) -> AdaptationConfig:
+    """The AdaptationConfig of `add_config_arguments`' flags, with `fixed` fields (e.g. seed) on top.
+    Raises ValueError on a bad value."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptationConfig) if f.name not in _ONLINE_ONLY}
+    return AdaptationConfig(**{**values, **fixed})
+
+def main(args: argparse.Namespace) -> int:
     try:
-        config = AdaptationConfig(**values, seed=args.seed)
+        config = config_from(args, seed=args.seed)
         s = adapt_offline(args.model, args.out, data=args.data, bag=args.bag, topic=args.topic, config=config,
                           rounds=args.rounds, clips_per_round=args.clips_per_round, device=args.device)
     except (ValueError, OSError, ImportError) as e:
