@@ -60,6 +60,9 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(args, work: Path) -> dict:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    config = config_from(args)  # a bad setting fails here, before the data and the base model's scores
     base = Engine(args.model, device=args.device)
     size = max(128, 2 * base.size)  # rendered larger than the model's input, as the camera's frames are
 
@@ -77,8 +80,6 @@ def run(args, work: Path) -> dict:
     base_clean = acc(base, clean)
     base_emb = embeddings(base, clean)
     print(f"{base.encoder_version}: clean accuracy {base_clean:.3f}", flush=True)
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     rows = []
     for shift in args.shifts:
         t0 = time.monotonic()
@@ -88,8 +89,8 @@ def run(args, work: Path) -> dict:
         runs = []
         for r in range(args.repeats):
             pool = data(f"adapt_{shift}_{r}", shift, args.adapt_clips, args.seed + 1 + r, unlabeled=True)
-            config = config_from(args, seed=r)
-            summary = adapt_offline(args.model, work / f"adapted_{shift}_{r}.pt", data=str(pool), config=config,
+            summary = adapt_offline(args.model, work / f"adapted_{shift}_{r}.pt", data=str(pool),
+                                    config=dataclasses.replace(config, seed=r),
                                     rounds=args.rounds, device=args.device, progress=False)
             adapted = Engine(str(summary.out), device=args.device)
             after, clean_after = acc(adapted, test), acc(adapted, clean)
@@ -132,7 +133,7 @@ def run(args, work: Path) -> dict:
     table_rows.append(["**mean**", pct(base_clean), pct(mean["before"]), pct(mean["after"]),
                        "-" if mean["recovered"] is None else f"**{100 * mean['recovered']:.0f}%**",
                        f"{-mean['clean_drop_points']:+.1f} pts", "", ""])
-    settings = {k: v for k, v in dataclasses.asdict(config_from(args)).items() if k != "seed"}  # seed: per repeat
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "seed"}  # seed: the repeat's
     return {"model": base.encoder_version, "device": args.device, "rounds": args.rounds, "adaptation": settings,
             "test_clips": args.test_clips, "adapt_clips": args.adapt_clips,
             "seed": args.seed, "repeats": args.repeats, "rows": rows, "mean": mean,

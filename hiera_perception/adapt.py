@@ -265,6 +265,7 @@ def config_from(args: argparse.Namespace, **fixed) -> AdaptationConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptationConfig) if f.name not in _ONLINE_ONLY}
     return AdaptationConfig(**{**values, **fixed})
 
+
 def main(args: argparse.Namespace) -> int:
     try:
         config = config_from(args, seed=args.seed)

@@ -27,9 +27,9 @@ features the head reads (TTT++ saw the same). The alignment keeps what the head 
 it; MAE keeps the encoder describing the new images. `align_weight: 0` is MAE alone.
 
 The guard judges MAE + mean/variance alignment, not the MAE loss alone: the probe MAE loss moved by
-0.01-3% from round to round whatever a round did. Judged by it alone, the shift benchmark recovered about as
-much (32% against 30%) and lost more clean accuracy (3.0 points against 2.0; adapting to blur, which costs
-no accuracy, lost 3.0 against 0.5).
+0.01-3% from round to round whatever a round did. Judged by it alone, one shift-benchmark run per shift
+(commit 06a5aa3) recovered about as much (32% against 30%) and lost more clean accuracy (3.0 points against
+2.0; adapting to blur, which costs no accuracy, lost 3.0 against 0.5); single runs, so rough figures.
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
     if embedded:
         # The model's claim is on clips within one action (100% of 80 in a quiet 60 s run); across a change either
         # action it shows on a third of its frames counts. In a short run, how many clips straddle depends on
-        # start-up timing, so the overall share has a floor under the 90% a minute gives. 12 s, not 8: two misses
-        # among the ~14 single-action clips of 8 s broke 90% (1 run in 8 here, after a 2.7 s stall with no clip).
+        # start-up timing, so the overall share has a floor under the 90% a minute gives. 12 s, not 8: with ~14
+        # single-action clips two misses broke 90% (they came after executor stalls, since fixed in node.py).
         single = [m.group(6) for t, m in zip(times, lines) if t >= 1.0 and m.group(6) and not m.group(7)]
         assert len(single) >= 5 and single.count("ok") >= 0.9 * len(single), f"the embedded model names the actions: {out}"
         assert float(share) >= 80.0
