@@ -31,7 +31,7 @@ import torch
 
 from hiera_perception.adaptation import AdaptationConfig, Adapter
 from hiera_perception.atomic import atomic_write_bytes
-from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model
 from hiera_perception.labeler import prototypes_path
 from hiera_perception.model import Hiera
 from hiera_perception.reconstruction import reconstruction_panel, save_png
@@ -209,12 +209,8 @@ def adapt_offline(
     summary.version = adapter.version
 
     # After every round the shadow equals what is deployed (accepted: it became it; rejected: reset to it).
-    save_checkpoint(summary.out, adapter.mae, labels=adapter.labels, model_id=adapter.model_id,
-                    version=adapter.version, extra={
-                        **adapter.checkpoint_extra(),
-                        "adaptation": {**summary.to_dict(), "config": dataclasses.asdict(config),
-                                       "source": data or bag, "topic": topic},
-                    })
+    adapter.write(summary.out, extra={"adaptation": {**summary.to_dict(), "config": dataclasses.asdict(config),
+                                                     "source": data or bag, "topic": topic}})
     source = getattr(model, "source_path", None)
     if source and prototypes_path(source).is_file():  # the guard keeps embeddings close: taught labels stay valid
         atomic_write_bytes(prototypes_path(summary.out), prototypes_path(source).read_bytes())

@@ -270,7 +270,7 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
         path = MODELS_DIR / source
     labels: list[str] = []
     sampling: dict = {}
-    stats = None
+    stats, blend = None, 1.0
     if path.is_file():
         weights.verify(path)
         raw = _torch_load(path)
@@ -283,6 +283,7 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
             labels, model_id, version = ck.labels, ck.model_id, ck.version
             sampling = dict(ck.extra.get("sampling", {}))
             stats = ck.extra.get("feature_stats")
+            blend = float(ck.extra.get("blend", 1.0))
         else:
             entry = weights.entry_for_path(path)
             arch = arch or (entry.config if entry else None)
@@ -311,5 +312,6 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
     model.source_path = str(path) if path.is_file() else None  # taught labels persist beside it
     model.sampling = sampling  # clip timing the model was trained with, e.g. {"frame_stride_s": 0.1}
     model.feature_stats = stats  # its training clips' embedding mean and variance (adaptation aligns with them)
+    model.blend = blend  # an adapted version serves original + blend x (adapted - original); adaptation inverts it
     return model.eval().to(dev)
 

@@ -134,6 +134,9 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
         "CPU threads of the adaptation thread's kernels (inference keeps its own); 0 = torch's default", 0, 1024)),
     "adaptation.round_interval_s": (_ADAPT.round_interval_s, _desc("Pause between two rounds, s", 0.0, 86400.0)),
     "adaptation.keep_versions": (_ADAPT.keep_versions, _desc("Accepted versions kept on disk", 1, 10000)),
+    "adaptation.blend": (_ADAPT.blend, _desc(
+        "What serves is original + blend x (adapted - original) (weight-space ensembling, WiSE-FT); training "
+        "goes on from the adapted weights; 1 = serve them as they are", 0.01, 1.0)),
     "adaptation.decoder_warmup_rounds": (_ADAPT.decoder_warmup_rounds, _desc(
         "Rounds training a fresh decoder alone, for a model whose checkpoint has no decoder weights", 0, 10000)),
 }

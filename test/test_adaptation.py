@@ -592,3 +592,46 @@ def test_running_statistics_live_across_rounds_and_a_rejected_round_leaves_them(
     assert adapter._running is None and adapter._running_class is None
     assert adapter.run_round(wait=False).accepted
     assert adapter._running[0].abs().max().item() < 100.0
+
+
+# ---- what serves: the adapted weights blended with the original (WiSE-FT) ----
+
+
+def test_served_encoder_is_the_blend_and_training_goes_on_from_the_adapted_weights(tmp_path):
+    model = serving_model()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter, on_accept = make_adapter(tmp_path, model, blend=0.5)
+    assert adapter.run_round(wait=False).accepted
+    adapted = {k[len("encoder."):]: v for k, v in adapter.mae.state_dict().items() if k.startswith("encoder.")}
+    served = on_accept.calls[-1][0]
+    assert states_equal(served, adapter.encoder_state()) and changed_keys(served, adapted)
+    for k in original:
+        torch.testing.assert_close(served[k], original[k] + 0.5 * (adapted[k] - original[k]), rtol=0, atol=1e-7)
+    path = tmp_path / "versions" / "robot@1.pt"
+    assert load_checkpoint(path).extra["blend"] == 0.5
+    loaded = load_model(path, device="cpu")  # every reader serves exactly what the node served
+    assert states_equal(loaded.state_dict(), served) and loaded.blend == 0.5
+
+    # a restart: served weights and the original as reference; training goes on from the adapted weights
+    resumed = Adapter(loaded, config(blend=0.5), mae_state=load_checkpoint(path).model_state,
+                      out_dir=tmp_path / "versions", version=1, reference=model)
+    assert states_equal(resumed.encoder_state(), served)
+    for k, v in resumed.mae.encoder.state_dict().items():
+        torch.testing.assert_close(v, adapted[k], rtol=0, atol=1e-6)
+
+    # a rollback to a kept version serves that version's file exactly, and trains on from its adapted weights
+    assert adapter.run_round(wait=False).accepted and adapter.rollback(1) == 1
+    assert states_equal(adapter.encoder_state(), served) and states_equal(on_accept.calls[-1][0], served)
+    for k, v in adapter.mae.encoder.state_dict().items():
+        torch.testing.assert_close(v, adapted[k], rtol=0, atol=1e-6)
+
+
+def test_blend_one_serves_the_adapted_weights(tmp_path):
+    adapter, on_accept = make_adapter(tmp_path, blend=1.0)
+    assert adapter.run_round(wait=False).accepted
+    adapted = {k[len("encoder."):]: v for k, v in adapter.mae.state_dict().items() if k.startswith("encoder.")}
+    assert states_equal(on_accept.calls[-1][0], adapted)
+    with pytest.raises(ValueError, match=r"blend must be in \(0, 1\], got 0.0"):
+        config(blend=0.0)
+    with pytest.raises(ValueError, match="blend must be in"):
+        config(blend=1.5)
