@@ -22,6 +22,7 @@ from benchmarks.common import REPO, write_result
 VARIANTS = {
     "adaptation off": [],
     "adaptation on": ["--param", "adaptation.enabled=true", "--param", "adaptation.min_clips=8",
+                      "--param", "adaptation.probe_clips=8",
                       "--param", "adaptation.round_interval_s=1.0"],
 }
 

@@ -140,6 +140,9 @@ class AdaptationConfig:
         if self.align_weight < 0 or not 0.0 <= self.align_momentum < 1.0:
             raise ValueError(f"align_weight must be >= 0 and align_momentum in [0, 1), got {self.align_weight}, "
                              f"{self.align_momentum}")
+        if self.probe_clips > self.min_clips:
+            raise ValueError(f"probe_clips ({self.probe_clips}) must be <= min_clips ({self.min_clips}): the probe "
+                             "set is the first probe_clips clips of the replay when the first round starts")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
         for name in ("steps_per_round", "batch_size", "min_clips", "probe_clips", "keep_versions"):

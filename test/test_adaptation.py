@@ -116,7 +116,8 @@ def test_replay_buffer_caps_memory_and_evicts_oldest():
      ("batch_size", 0, "batch_size"), ("min_clips", 0, "min_clips"), ("probe_clips", 0, "probe_clips"),
      ("keep_versions", 0, "keep_versions must be >= 1, got 0"), ("align_weight", -1.0, "align_weight must be >= 0"),
      ("align_momentum", 1.0, "align_momentum in \\[0, 1\\)"),
-     ("batch_size", 1, "align_weight > 0 needs batch_size and probe_clips >= 2")],
+     ("batch_size", 1, "align_weight > 0 needs batch_size and probe_clips >= 2"),
+     ("min_clips", 8, "probe_clips \\(48\\) must be <= min_clips \\(8\\)")],
 )
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
