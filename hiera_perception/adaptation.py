@@ -250,8 +250,9 @@ class Adapter:
         self.base = copy.deepcopy(reference or model).eval().requires_grad_(False)
         shadow = copy.deepcopy(model)
         self._served = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # encoder weights
+        self._served_blend = float(getattr(model, "blend", 1.0)) if reference is not None else 1.0
         if reference is not None:  # a served version: training goes on from the adapted weights behind it
-            shadow.load_state_dict(self._unblend(model.state_dict(), float(getattr(model, "blend", 1.0))))
+            shadow.load_state_dict(self._unblend(model.state_dict(), self._served_blend))
         self.mae = HieraMAE(model.config, encoder=shadow).to(self.device)
         self.decoder_warmup = mae_state is None
         if mae_state is not None:
@@ -534,7 +535,7 @@ class Adapter:
                 if "out of memory" in str(e).lower() and self.device.type == "cuda":
                     torch.cuda.empty_cache()
             if res.accepted:
-                self._deployed, self._served = self._mae_state(), served
+                self._deployed, self._served, self._served_blend = self._mae_state(), served, cfg.blend
                 self.version = new_version
                 res.version = self.version
                 res.reason = "accepted"
@@ -558,7 +559,7 @@ class Adapter:
         return self.out_dir / f"{self.model_id}@{version}.pt"
 
     def _write(self, path: str | Path, version: int, mae_state: dict[str, torch.Tensor],
-               served: dict[str, torch.Tensor], extra: dict) -> Path:
+               served: dict[str, torch.Tensor], blend: float, extra: dict) -> Path:
         """Checkpoint `served` (the encoder that serves) with the decoder of `mae_state`, and the blend, from which
         a restart or a rollback recovers the adapted weights behind it (`_unblend`). Every reader of the file
         (the node, eval, adapt) serves exactly what the node served."""
@@ -566,14 +567,14 @@ class Adapter:
         self.mae.load_state_dict({**mae_state, **{f"encoder.{k}": v for k, v in served.items()}})
         try:
             return save_checkpoint(path, self.mae, labels=self.labels, model_id=self.model_id, version=version,
-                                   extra={**extra, **self.checkpoint_extra(), "blend": self.config.blend})
+                                   extra={**extra, **self.checkpoint_extra(), "blend": blend})
         finally:
             self.mae.load_state_dict(now)
 
     def write(self, path: str | Path, extra: dict | None = None) -> Path:
         """Checkpoint the deployed version as it serves to `path` (what `adapt` writes)."""
         with self._lock:
-            return self._write(path, self.version, self._deployed, self._served, extra or {})
+            return self._write(path, self.version, self._deployed, self._served, self._served_blend, extra or {})
 
     def _save_version(self, version: int, served: dict[str, torch.Tensor]) -> None:
         """Checkpoint the shadow as `version` (serving `served`), point latest.json at it, then prune. Raises on
@@ -581,7 +582,7 @@ class Adapter:
         if self.out_dir is None:
             return
         path = self._path(version)
-        self._write(path, version, self._mae_state(), served, {"adaptation": {"rounds": self.rounds}})
+        self._write(path, version, self._mae_state(), served, self.config.blend, {"adaptation": {"rounds": self.rounds}})
         try:
             atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": path.name}) + "\n")
         except BaseException:
@@ -615,19 +616,19 @@ class Adapter:
                     raise ValueError(f"no kept version older than {self.version} (kept: {self.kept})")
                 version = older[-1]
             if version == 0 and 0 not in self.kept:
-                served = self.base.state_dict()
+                served, blend = self.base.state_dict(), 1.0
                 state = {f"encoder.{k}": v for k, v in served.items()}
                 state.update({k: v for k, v in self._deployed.items() if not k.startswith("encoder.")})
             else:
                 if self.out_dir is None or version not in self.kept:
                     raise ValueError(f"version {version} is not kept (kept: {self.kept})")
                 ck = load_checkpoint(self._path(version))
-                served = {k[len("encoder."):]: v for k, v in ck.model_state.items() if k.startswith("encoder.")}
-                state = {**ck.model_state, **{f"encoder.{k}": v for k, v in
-                                              self._unblend(served, float(ck.extra.get("blend", 1.0))).items()}}
+                served, blend = ({k[len("encoder."):]: v for k, v in ck.model_state.items() if k.startswith("encoder.")},
+                                 float(ck.extra.get("blend", 1.0)))
+                state = {**ck.model_state, **{f"encoder.{k}": v for k, v in self._unblend(served, blend).items()}}
             self.mae.load_state_dict(state)
             self._deployed = self._mae_state()
-            self._served = {k: v.detach().cpu().clone() for k, v in served.items()}
+            self._served, self._served_blend = {k: v.detach().cpu().clone() for k, v in served.items()}, blend
             self.version = version
             self._make_optimizer()
             self._running = self._running_class = None  # they described the weights rolled away from

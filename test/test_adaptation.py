@@ -613,12 +613,15 @@ def test_served_encoder_is_the_blend_and_training_goes_on_from_the_adapted_weigh
     loaded = load_model(path, device="cpu")  # every reader serves exactly what the node served
     assert states_equal(loaded.state_dict(), served) and loaded.blend == 0.5
 
-    # a restart: served weights and the original as reference; training goes on from the adapted weights
-    resumed = Adapter(loaded, config(blend=0.5), mae_state=load_checkpoint(path).model_state,
+    # a restart (with another blend configured): served weights and the original as reference; training goes on
+    # from the adapted weights, recovered with the blend the file was written with
+    resumed = Adapter(loaded, config(blend=0.9), mae_state=load_checkpoint(path).model_state,
                       out_dir=tmp_path / "versions", version=1, reference=model)
     assert states_equal(resumed.encoder_state(), served)
     for k, v in resumed.mae.encoder.state_dict().items():
         torch.testing.assert_close(v, adapted[k], rtol=0, atol=1e-6)
+    assert resumed.save() == path and load_checkpoint(path).extra["blend"] == 0.5  # the blend of what it serves
+    assert states_equal(load_model(path, device="cpu").state_dict(), served)
 
     # a rollback to a kept version serves that version's file exactly, and trains on from its adapted weights
     assert adapter.run_round(wait=False).accepted and adapter.rollback(1) == 1
