@@ -103,7 +103,8 @@ class AdaptationConfig:
     train_decoder: bool = True
     replay_mb: float = 256.0  # must hold min_clips: 48 clips of 16 x 224 x 224 px are 116 MB
     # The first probe_clips clips are the guard's probe set. 48 against 16: 37 against 31% recovered on the shift
-    # benchmark (3 runs per shift), mostly on the milder shifts; fewer clips judge a round by their class mix.
+    # benchmark (3 runs per shift, blend 1.0; the 16-clip run is adaptation_cpu.json at commit ccb58c3), mostly on
+    # the milder shifts; fewer clips judge a round by their class mix.
     min_clips: int = 48  # replay size before the first round
     probe_clips: int = 48
     align_weight: float = 1.0  # feature-alignment term beside the MAE loss (0: MAE alone; needs feature_stats)
@@ -120,7 +121,8 @@ class AdaptationConfig:
     keep_versions: int = 5
     # What serves is original + blend x (adapted - original): weight-space ensembling (WiSE-FT, Wortsman et al.,
     # CVPR 2022). Training goes on from the adapted weights; only what serves is blended. On the shift benchmark
-    # (3 runs per shift) 0.75 kept 36 of 37% recovered and cut the clean accuracy lost from 2.2 to 1.6 points.
+    # (3 runs per shift) 0.75 kept 36 of 37% recovered and cut the clean accuracy lost from 2.2 to 1.6 points
+    # (blend 1.0 and 0.5 by re-scoring one run's adapted models; 0.75 is adaptation_cpu.json).
     blend: float = 0.75
     decoder_warmup_rounds: int = 5  # rounds training a fresh decoder alone (only without decoder weights)
     seed: int = 0
@@ -524,7 +526,7 @@ class Adapter:
                     # Numbers are never reused (after a rollback the next one is past every kept
                     # version), and the file is written before the swap: every served version has one.
                     new_version = max([self.version, *self.kept]) + 1
-                    served = self._blend(self._mae_state())
+                    served = self._blend(self.mae.state_dict())
                     self._save_version(new_version, served)
                     res.accepted = True
             except InterruptedError as e:
@@ -563,13 +565,9 @@ class Adapter:
         """Checkpoint `served` (the encoder that serves) with the decoder of `mae_state`, and the blend, from which
         a restart or a rollback recovers the adapted weights behind it (`_unblend`). Every reader of the file
         (the node, eval, adapt) serves exactly what the node served."""
-        now = self._mae_state()
-        self.mae.load_state_dict({**mae_state, **{f"encoder.{k}": v for k, v in served.items()}})
-        try:
-            return save_checkpoint(path, self.mae, labels=self.labels, model_id=self.model_id, version=version,
-                                   extra={**extra, **self.checkpoint_extra(), "blend": blend})
-        finally:
-            self.mae.load_state_dict(now)
+        return save_checkpoint(path, self.mae, state={**mae_state, **{f"encoder.{k}": v for k, v in served.items()}},
+                               labels=self.labels, model_id=self.model_id, version=version,
+                               extra={**extra, **self.checkpoint_extra(), "blend": blend})
 
     def write(self, path: str | Path, extra: dict | None = None) -> Path:
         """Checkpoint the deployed version as it serves to `path` (what `adapt` writes)."""
@@ -582,7 +580,7 @@ class Adapter:
         if self.out_dir is None:
             return
         path = self._path(version)
-        self._write(path, version, self._mae_state(), served, self.config.blend, {"adaptation": {"rounds": self.rounds}})
+        self._write(path, version, self.mae.state_dict(), served, self.config.blend, {"adaptation": {"rounds": self.rounds}})
         try:
             atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": path.name}) + "\n")
         except BaseException:

@@ -92,10 +92,14 @@ def save_checkpoint(
     version: int = 0,
     step: int | None = None,
     extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `model` (a Hiera or HieraMAE) with its config and metadata, atomically."""
+    """Write `model` (a Hiera or HieraMAE) with its config and metadata, atomically. `state`: weights to write
+    instead of the model's own (the same keys), e.g. an adapted version as it serves."""
     path = Path(path)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if state is not None and state.keys() != model.state_dict().keys():
+        raise ValueError(f"state does not fit {model.config.name}: keys differ from the model's")
+    state = {k: v.detach().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     cfg: HieraConfig = model.config
     payload = {
         "format": FORMAT,

@@ -86,6 +86,17 @@ def test_defaults_model_id_is_config_name(tmp_path):
 # Atomic writes
 
 
+def test_save_writes_given_weights_of_the_same_keys(tmp_path):
+    model = Hiera(get_config("hiera_tiny_8x64", num_classes=3))
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "m.pt", model, state=state)
+    assert all(torch.equal(load_checkpoint(tmp_path / "m.pt").model_state[k], v) for k, v in state.items())
+    assert not torch.equal(model.state_dict()["head.projection.weight"], state["head.projection.weight"])  # untouched
+    with pytest.raises(ValueError, match="keys differ"):
+        save_checkpoint(tmp_path / "bad.pt", model, state={k: v for k, v in state.items() if not k.startswith("head.")})
+    assert not (tmp_path / "bad.pt").exists()
+
+
 def test_save_leaves_no_temp_files(tmp_path):
     model = tiny()
     for version in range(3):
