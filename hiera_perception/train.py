@@ -2,12 +2,18 @@
 
     pretrain: unlabeled clips (a data folder or a rosbag2) -> HieraMAE, loss = masked-patch MSE
     finetune: labelled clips (a data folder) -> Hiera + a classification head, loss = cross-entropy
+              (+ --mae-weight x the MAE loss of the same clips: a HieraMAE whose encoder is the classifier)
 
 The recipe follows the Hiera / MAE papers at toy scale (Ryali et al. 2023; He et al. 2022;
 Feichtenhofer et al. 2022): AdamW, linear warm-up then cosine decay, no weight decay on biases, norms
 and position embeddings, optional layer-wise lr decay when fine-tuning (Bao et al., BEiT 2021). The only
 augmentation is the clip's random start on the video's timeline (`dataset.ClipDataset`): no horizontal
 flip, which would swap swipe_left and swipe_right.
+
+Joint training (`finetune --mae-weight W`, Sun et al., "Test-Time Training", ICML 2020): the classifier's
+encoder also serves an MAE decoder and both losses train it, so the features the head reads are ones the
+MAE loss shapes; on-robot adaptation then moves, with MAE steps alone, what the head reads. The decoder
+comes from an MAE --init (else it is fresh) and is written with the model, as `pretrain` writes it.
 
 Determinism and exact resume: every random draw is a function of (seed, ...) alone. Epoch e's clip order
 is a permutation seeded by (seed, e); item i of epoch e draws its random start under torch's RNG seeded
@@ -324,7 +330,7 @@ def _build(args, command: str) -> tuple[torch.nn.Module, dict, dict | None]:
         ck = load_checkpoint(args.out)
         state = ck.extra.get("train_state")
         enc = Hiera(ck.config)
-        model = HieraMAE(ck.config, encoder=enc) if command == "pretrain" else enc
+        model = HieraMAE(ck.config, encoder=enc) if command == "pretrain" or _joint(args) else enc
         model.load_state_dict(ck.model_state)
         meta = {"labels": ck.labels, "model_id": ck.model_id, "sampling": dict(ck.extra.get("sampling", {})),
                 "train": ck.extra.get("train", {}), "history": list(ck.extra.get("history", []))}
@@ -349,7 +355,15 @@ def _prepare(model, enc: Hiera, args, meta: dict, state: dict | None, classes: l
     """(model, its encoder, label names): a head for finetune, the parameters each command leaves alone."""
     if args.command == "finetune":
         if state is None:
+            decoder = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")} \
+                if isinstance(model, HieraMAE) else {}
             model = enc = _classifier(enc, len(classes), keep_head=meta["labels"] == classes)
+            if _joint(args):
+                model = HieraMAE(enc.config, encoder=enc)  # a fresh decoder, or the --init's below
+                if decoder:
+                    model.load_state_dict({**model.state_dict(), **decoder})
+                else:
+                    log.info("--mae-weight: %s has no MAE decoder; training a fresh one", args.init or "a new model")
         elif meta["labels"] != classes:
             raise ValueError(f"{args.out} was trained on classes {meta['labels']}, {args.data} has {classes}")
         return model, enc, classes
@@ -359,6 +373,21 @@ def _prepare(model, enc: Hiera, args, meta: dict, state: dict | None, classes: l
     if args.freeze_encoder:  # align a decoder with a trained encoder (e.g. after fine-tuning)
         enc.requires_grad_(False)
     return model, enc, meta["labels"]
+
+
+def _joint(args) -> bool:
+    return args.command == "finetune" and bool(getattr(args, "mae_weight", 0.0))
+
+
+class _JointLoss(torch.nn.Module):
+    """finetune --mae-weight: (logits, MAE loss) of a batch in one forward, so DDP syncs gradients once."""
+
+    def __init__(self, mae: HieraMAE):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator):
+        return self.mae.encoder(x).logits, self.mae(x, mask_ratio=mask_ratio, generator=generator).loss
 
 
 def train(args: argparse.Namespace) -> TrainResult:
@@ -412,12 +441,15 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
         "weight_decay": args.weight_decay, "warmup": args.warmup, "clips": len(indices),
         "clips_per_video": args.clips_per_video, "steps_per_epoch": batches.steps_per_epoch,
     }
+    joint = _joint(args)
     if command == "pretrain":
         summary.update(mask_ratio=args.mask_ratio, freeze_encoder=bool(args.freeze_encoder))
     else:
         summary.update(label_smoothing=args.label_smoothing, layer_decay=args.layer_decay, classes=labels,
                        only_classes=args.only_classes,
                        freeze_encoder=bool(args.freeze_encoder), unfreeze_after=args.unfreeze_after)
+        if joint:
+            summary.update(mae_weight=args.mae_weight, mask_ratio=args.mask_ratio)
 
     def save(final: bool, loss: float | None) -> None:
         if not procs.main:
@@ -444,16 +476,17 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
         epoch, skip = divmod(step, batches.steps_per_epoch)
         if command == "finetune" and frozen != (epoch < unfreeze_epoch):
             frozen = epoch < unfreeze_epoch
-            _set_frozen(model, frozen)
+            _set_frozen(enc, frozen)  # a joint run's decoder always trains
             ddp = None  # DDP registers the parameters that need gradients when it is built
             if procs.main and epoch > 0 and not frozen:
                 log.info("epoch %d: encoder unfrozen", epoch)
         if ddp is None:
-            ddp = torch.nn.parallel.DistributedDataParallel(model) if procs.world > 1 else model
+            net = _JointLoss(model) if joint else model
+            ddp = torch.nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
         batches.set_epoch(epoch, skip)
         loader = torch.utils.data.DataLoader(loader_ds, batch_sampler=batches, num_workers=args.workers,
                                              pin_memory=procs.device.type == "cuda")
-        epoch_loss, epoch_n, correct, seen, t0 = 0.0, 0, 0, 0, time.monotonic()
+        epoch_loss, epoch_n, epoch_mae, correct, seen, t0 = 0.0, 0, 0.0, 0, 0, time.monotonic()
         for clips, y in loader:
             torch.manual_seed(_seed(args.seed, procs.rank, step))  # dropout, drop-path
             mask_gen.manual_seed(_seed(args.seed, procs.rank, step, 1))
@@ -462,8 +495,12 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
                 loss = ddp(x, mask_ratio=args.mask_ratio, generator=mask_gen).loss
             else:
                 y = y.to(procs.device)
-                logits = ddp(x).logits
-                loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+                if joint:
+                    logits, mae_loss = ddp(x, args.mask_ratio, mask_gen)
+                    epoch_mae += float(mae_loss.detach())  # this rank's, for the epoch log
+                else:
+                    logits, mae_loss = ddp(x).logits, 0.0
+                loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing) + args.mae_weight * mae_loss
                 correct += int((logits.argmax(1) == y).sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -492,8 +529,10 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
             msg = f"{command} epoch {epoch}: step {step}/{total} loss {epoch_loss / epoch_n:.4f}"
             if command == "finetune":
                 msg += f" train acc {correct / (epoch_n * args.batch):.3f}"  # this rank's share
+                if joint:
+                    msg += f" mae loss {epoch_mae / epoch_n:.4f}"
                 if args.val and (step % batches.steps_per_epoch == 0 or step == total):
-                    msg += f" val acc {_val_accuracy(model, args.val, stride, labels, procs.device):.3f}"
+                    msg += f" val acc {_val_accuracy(enc, args.val, stride, labels, procs.device):.3f}"
             log.info("%s, %.1f clips/s", msg, seen / max(time.monotonic() - t0, 1e-9))
     bar.close()
     complete = step >= total
@@ -542,8 +581,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str | None = None) -
     o.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip, 0 = off (default 1.0)")
     o.add_argument("--layer-decay", type=float, default=1.0, help=argparse.SUPPRESS if pre else
                    "layer-wise lr decay (e.g. 0.75; default 1.0 = off)")
+    o.add_argument("--mask-ratio", type=float, default=0.9, help="share of mask units dropped (default 0.9)"
+                   + ("" if pre else "; with --mae-weight"))
     if pre:
-        o.add_argument("--mask-ratio", type=float, default=0.9, help="share of mask units dropped (default 0.9)")
         o.add_argument("--freeze-encoder", action="store_true",
                        help="train only the decoder (align it with a trained encoder given to --init)")
     else:
@@ -552,6 +592,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str | None = None) -
         fz.add_argument("--freeze-encoder", action="store_true", help="train the head only (a linear probe)")
         fz.add_argument("--unfreeze-after", type=int, default=0, metavar="N",
                         help="train the head only for the first N epochs, then everything (default 0)")
+        o.add_argument("--mae-weight", type=float, default=0.0, metavar="W",
+                       help="joint training: cross-entropy + W x the MAE loss on the same clips, through one "
+                            "encoder, with the --init's MAE decoder (or a fresh one); 0 = off (default)")
         o.add_argument("--val", default=None, help="data folder whose accuracy is logged after every epoch")
         o.add_argument("--only-classes", default=None, metavar="A,B",
                        type=lambda v: [c.strip() for c in v.split(",") if c.strip()],
@@ -580,14 +623,20 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.config and args.init:
         raise ValueError("give --config (fresh weights) or --init (a checkpoint), not both")
-    for name in ("bag", "topic", "mask_ratio", "label_smoothing", "val", "only_classes"):
+    for name in ("bag", "topic", "label_smoothing", "val", "only_classes"):
         if not hasattr(args, name):
             setattr(args, name, None)
+    args.mask_ratio = getattr(args, "mask_ratio", 0.9)
+    args.mae_weight = getattr(args, "mae_weight", 0.0) or 0.0
     if args.command == "finetune":
         args.unfreeze_after = getattr(args, "unfreeze_after", 0) or 0
         if args.label_smoothing is not None and not 0.0 <= args.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    elif not 0.0 <= args.mask_ratio < 1.0:
+        if args.mae_weight < 0:
+            raise ValueError(f"--mae-weight must be >= 0, got {args.mae_weight}")
+        if args.mae_weight and args.freeze_encoder:
+            raise ValueError("--mae-weight trains the encoder with the MAE loss; it cannot go with --freeze-encoder")
+    if not 0.0 <= args.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
 
 

@@ -123,15 +123,42 @@ def test_clips_to_input_matches_preprocess_clip():
     assert got.shape == (3, 3, 8, 16, 16) and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_joint_finetune_adds_the_weighted_mae_loss_and_trains_the_decoder(pretrained, data, tmp_path):
+    common = ["--data", str(data), "--init", str(pretrained[0]), "--batch", "4", "--seed", "2", "--mask-ratio", "0.75"]
+    # At lr 0 nothing moves, so every run sees the same weights, clips and masks: the MAE term is exactly linear
+    # in its weight, and a plain finetune run is the same run at weight 0.
+    frozen = [train(make_args("finetune", *common, "--lr", "0", "--steps", "3", "--out", str(tmp_path / f"w{w}.pt"),
+                              *(["--mae-weight", str(w)] if w else []))).losses for w in (0, 1, 3)]
+    mae_1 = np.subtract(frozen[1], frozen[0])
+    np.testing.assert_allclose(np.subtract(frozen[2], frozen[0]), 3 * mae_1, rtol=1e-4)
+    assert all(0.05 < m < 3 for m in mae_1)  # a masked-patch MSE on normalised pixels, not zero
+    out = tmp_path / "joint.pt"
+    result = train(make_args("finetune", *common, "--lr", "2e-3", "--steps", "16", "--mae-weight", "1",
+                             "--label-smoothing", "0", "--out", str(out)))
+    assert result.complete and avg(result.losses[-4:]) < 0.9 * avg(result.losses[:4])
+    ck, init = load_checkpoint(out), load_checkpoint(pretrained[0])
+    assert ck.extra["train"]["mae_weight"] == 1.0 and ck.extra["train"]["mask_ratio"] == 0.75
+    decoder = [k for k in init.model_state if not k.startswith("encoder.")]
+    assert decoder and set(decoder) < set(ck.model_state)  # an MAE checkpoint: the --init's decoder, trained on
+    assert not torch.equal(ck.model_state["decoder_pred.weight"], init.model_state["decoder_pred.weight"])
+    model = load_model(out, device="cpu")  # serves the classifier
+    assert model.labels == sorted(ACTIONS) and model(torch.zeros(1, 3, *model.config.input_size)).logits.shape == (1, 8)
+    mae, meta = _load_init(str(out), None)  # and hands adaptation (or the next stage) its decoder
+    assert isinstance(mae, HieraMAE) and meta["kind"] == "mae" and mae.encoder.config.num_classes == 8
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "joint"])
 def test_resume_continues_exactly(command, pretrained, data, tmp_path):
     """Stop at step 3 of 6, resume: the next losses and the final weights equal the uninterrupted run's.
     finetune also unfreezes the encoder after epoch 0 (4 steps of 16 clips / 4), i.e. after the resume."""
     common = ["--data", str(data), "--steps", "6", "--batch", "4", "--seed", "7"]
     if command == "pretrain":
         common += ["--config", "hiera_tiny_8x64", "--mask-ratio", "0.75"]
-    else:
+    elif command == "finetune":
         common += ["--init", str(pretrained[0]), "--unfreeze-after", "1"]
+    else:  # finetune --mae-weight: the model on disk between the two parts is an MAE checkpoint
+        command = "finetune"
+        common += ["--init", str(pretrained[0]), "--mae-weight", "0.5", "--mask-ratio", "0.75"]
     full = train(make_args(command, *common, "--out", str(tmp_path / "full.pt")))
     part = tmp_path / "part.pt"
     first = train(make_args(command, *common, "--out", str(part), "--stop-at", "3"))
@@ -182,3 +209,7 @@ def test_bad_options_are_named(data, tmp_path):
         make_args("pretrain", "--data", str(data), "--out", "x", "--config", "hiera_tiny_8x64", "--init", "y")
     with pytest.raises(ValueError, match="mask-ratio"):
         make_args("pretrain", "--data", str(data), "--out", "x", "--config", "hiera_tiny_8x64", "--mask-ratio", "1")
+    with pytest.raises(ValueError, match="--mae-weight must be >= 0"):
+        make_args("finetune", "--data", str(data), "--out", "x", "--mae-weight", "-1")
+    with pytest.raises(ValueError, match="cannot go with --freeze-encoder"):
+        make_args("finetune", "--data", str(data), "--out", "x", "--mae-weight", "1", "--freeze-encoder")
