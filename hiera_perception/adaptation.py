@@ -22,9 +22,11 @@ camera's embedding statistics to them: the per-dimension mean and variance of th
 mean of the clips the head confidently gives each class (pseudo-labels) against that class's training
 mean, each a running average over the camera's batches that lives across rounds (a rejected round's batches
 leave it) (TTT++; the class term as in TTAC, Su et al., NeurIPS 2022). MAE alone lowered its loss but not
-the error on this package's embedded model, which was trained supervised, not as an MAE: its steps moved
-features the head reads (TTT++ saw the same). The alignment keeps what the head reads where training left
-it; MAE keeps the encoder describing the new images. `align_weight: 0` is MAE alone.
+the error on this package's embedded model when it was trained supervised only: its steps moved features
+the head reads (TTT++ saw the same). The alignment keeps what the head reads where training left it; MAE
+keeps the encoder describing the new images. `align_weight: 0` is MAE alone. The embedded model is now
+also trained jointly with the MAE loss (`finetune --mae-weight`, Sun et al., TTT 2020), which the head
+then reads through.
 
 The guard judges MAE + mean/variance alignment, not the MAE loss alone: the probe MAE loss moved by
 0.01-3% from round to round whatever a round did. Judged by it alone, one shift-benchmark run per shift
@@ -121,8 +123,9 @@ class AdaptationConfig:
     keep_versions: int = 5
     # What serves is original + blend x (adapted - original): weight-space ensembling (WiSE-FT, Wortsman et al.,
     # CVPR 2022). Training goes on from the adapted weights; only what serves is blended. On the shift benchmark
-    # (3 runs per shift) 0.75 kept 36 of 37% recovered and cut the clean accuracy lost from 2.2 to 1.6 points
-    # (blend 1.0 and 0.5 by re-scoring one run's adapted models; 0.75 is adaptation_cpu.json).
+    # (3 runs per shift, the embedded model before its joint stage) 0.75 kept 36 of 37% recovered and cut the
+    # clean accuracy lost from 2.2 to 1.6 points (blend 1.0 and 0.5 by re-scoring one run's adapted models;
+    # 0.75 from adaptation_cpu.json at a18f775).
     blend: float = 0.75
     decoder_warmup_rounds: int = 5  # rounds training a fresh decoder alone (only without decoder weights)
     seed: int = 0
