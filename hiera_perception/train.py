@@ -356,7 +356,7 @@ def _prepare(model, enc: Hiera, args, meta: dict, state: dict | None, classes: l
     if args.command == "finetune":
         if state is None:
             decoder = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")} \
-                if isinstance(model, HieraMAE) else {}
+                if _joint(args) and isinstance(model, HieraMAE) else {}
             model = enc = _classifier(enc, len(classes), keep_head=meta["labels"] == classes)
             if _joint(args):
                 model = HieraMAE(enc.config, encoder=enc)  # a fresh decoder, or the --init's below
@@ -376,7 +376,7 @@ def _prepare(model, enc: Hiera, args, meta: dict, state: dict | None, classes: l
 
 
 def _joint(args) -> bool:
-    return args.command == "finetune" and bool(getattr(args, "mae_weight", 0.0))
+    return args.command == "finetune" and args.mae_weight > 0
 
 
 class _JointLoss(torch.nn.Module):
@@ -626,8 +626,7 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("bag", "topic", "label_smoothing", "val", "only_classes"):
         if not hasattr(args, name):
             setattr(args, name, None)
-    args.mask_ratio = getattr(args, "mask_ratio", 0.9)
-    args.mae_weight = getattr(args, "mae_weight", 0.0) or 0.0
+    args.mae_weight = getattr(args, "mae_weight", 0.0)  # finetune only
     if args.command == "finetune":
         args.unfreeze_after = getattr(args, "unfreeze_after", 0) or 0
         if args.label_smoothing is not None and not 0.0 <= args.label_smoothing < 1.0:
