@@ -70,6 +70,7 @@ class CudaGraphStep:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(WARMUP):
+                optimizer.zero_grad(set_to_none=True)  # each warm-up step is a whole step: no accumulated grads
                 self._step()
         torch.cuda.current_stream(device).wait_stream(stream)
         # Gradients are None at capture, so the graph's backward writes them rather than adding to them.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hiera_perception.config import get_config
-from hiera_perception.cuda_graph import CudaGraphStep
+from hiera_perception.cuda_graph import WARMUP, CudaGraphStep
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 
@@ -61,16 +61,16 @@ def test_captured_mae_step_trains_like_eager_steps(precision):
 
     opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3, capturable=True)
     opt_g = torch.optim.AdamW(graphed.parameters(), lr=1e-3, capturable=True)
-    # the graph's warm-up: 3 eager steps on the first batch, which the eager twin takes too
+    # the graph's warm-up: WARMUP eager steps on the first batch, which the eager twin takes too
     step = CudaGraphStep(loss_of(graphed), opt_g, *batches[0], grad_clip=1.0)
     f = loss_of(eager)
-    for x, keep in [batches[0]] * 3 + batches[1:]:
+    for i, (x, keep) in enumerate([batches[0]] * WARMUP + batches[1:]):
         loss = f(x, keep)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(eager.parameters()), 1.0)
         opt_e.step()
         opt_e.zero_grad(set_to_none=True)
-        if (x, keep) is not batches[0]:
+        if i >= WARMUP:  # the steps after the warm-up: the twin's replays
             replayed = step(x, keep)
             tol = 1e-5 if precision == "fp32" else 2e-2
             torch.testing.assert_close(replayed, loss.detach(), rtol=tol, atol=tol)
