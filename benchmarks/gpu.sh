@@ -21,8 +21,9 @@ for arg in "$@"; do
 done
 PY=${PYTHON:-python3}
 # The device tool brings back at most 8 files from $OUT: results go to $OUT/results and come back as one tarball.
+# A dry run without $OUT writes to a temporary folder: its tiny-model CPU rows must not replace the committed ones.
 RESULTS=benchmarks/results
-if [ -n "${OUT:-}" ]; then RESULTS="$OUT/results"; fi
+if [ -n "${OUT:-}" ]; then RESULTS="$OUT/results"; elif [ "$DRY" = 1 ]; then RESULTS=$(mktemp -d); fi
 mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "$DRY" = 0 ] && ls .gpu_wheels/*.whl >/dev/null 2>&1; then

@@ -1,4 +1,4 @@
-"""Render the README's benchmark tables from benchmarks/results/*.json (no figure typed by hand).
+"""Render the README's benchmark tables from benchmarks/results/*.json and */*.json (no figure typed by hand).
 
     python -m benchmarks report            # print the tables
     python -m benchmarks report --write    # replace the block between the markers in README.md
@@ -63,15 +63,17 @@ SPEED_TITLES = {"encoder_": "Encoder forward", "mae_step_": "MAE training step (
 
 def render(folder: Path) -> str:
     # Blocks in file order: a speed table per file; table files of one kind on one machine share a block.
+    # A subfolder holds another machine's set (benchmarks/results/h200/): its blocks follow the top level's.
     blocks: dict[tuple, list[tuple[str, dict]]] = {}
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*.json")):
+        rel = path.relative_to(folder).as_posix()
         res = json.loads(path.read_text())
         name = res.get("benchmark", path.stem)
         if name.startswith(tuple(SPEED_TITLES)) or "table" in res:
             m = res["machine"]
-            key = ((path.name,) if name.startswith(tuple(SPEED_TITLES)) else
+            key = ((rel,) if name.startswith(tuple(SPEED_TITLES)) else
                    (res.get("title", name), tuple(res["table"]["columns"]), m.get("cpu"), m.get("gpu"), m.get("torch")))
-            blocks.setdefault(key, []).append((path.name, res))
+            blocks.setdefault(key, []).append((rel, res))
     out = []
     for items in blocks.values():
         name, res = items[0][1].get("benchmark", items[0][0]), items[0][1]
