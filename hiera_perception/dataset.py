@@ -155,14 +155,20 @@ def load_clip(
     up to the frame that covers the last sample time; a video that ends before it is an error.
     """
     times = sample_times(num_frames, frame_stride_s, start_s)
+
+    def wanted(stamp: float, next_stamp: float) -> bool:
+        # Frame j is taken by the samples in [stamp_j, stamp_j+1) (tolerance as below), and the last one read
+        # by every sample left.
+        return stamp >= times[-1] - _EPS_S or bool(((times >= stamp - _EPS_S) & (times < next_stamp - _EPS_S)).any())
+
     out: list[np.ndarray] = []
     prev: np.ndarray | None = None
     count, last_stamp = 0, -math.inf
-    for stamp, frame in iter_frames(path):
+    for stamp, frame in iter_frames(path, wanted):
         # Every pending sample before this frame's stamp takes the previous frame.
         while len(out) < num_frames and times[len(out)] < stamp - _EPS_S:
             out.append(prev)
-        prev = frame if size is None else crop_resize(frame, size)
+        prev = frame if size is None or frame is None else crop_resize(frame, size)  # None: taken by no sample
         count, last_stamp = count + 1, stamp
         if stamp >= times[-1] - _EPS_S:  # this frame covers every remaining sample
             out.extend([prev] * (num_frames - len(out)))

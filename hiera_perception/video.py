@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -22,11 +22,14 @@ def video_fps(path: str | Path) -> float:
         cap.release()
 
 
-def iter_frames(path: str | Path) -> Iterator[tuple[float, np.ndarray]]:
+def iter_frames(path: str | Path, wanted: Callable[[float, float], bool] | None = None
+                ) -> Iterator[tuple[float, np.ndarray | None]]:
     """Yield (stamp in seconds from the start, RGB uint8 [H, W, 3]) for each decodable frame.
 
     Stamps come from the frame index and the file's frame rate (30 when the file does not say),
-    which is what every container OpenCV reads can give reliably.
+    which is what every container OpenCV reads can give reliably. With `wanted(stamp, next_stamp)`, a
+    frame it refuses is decoded but not converted or copied out, and comes as (stamp, None): a training
+    clip reads 8 of some 45 frames.
     """
     path = Path(path)
     if not path.is_file():
@@ -39,11 +42,17 @@ def iter_frames(path: str | Path) -> Iterator[tuple[float, np.ndarray]]:
     try:
         index = 0
         while True:
-            ok, bgr = cap.read()
+            if not cap.grab():  # grab + retrieve is what read() does
+                break
+            stamp = index / fps
+            index += 1
+            if wanted is not None and not wanted(stamp, index / fps):
+                yield stamp, None
+                continue
+            ok, bgr = cap.retrieve()
             if not ok:
                 break
-            yield index / fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            index += 1
+            yield stamp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     finally:
         cap.release()
 

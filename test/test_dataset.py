@@ -44,6 +44,22 @@ def test_load_clip_takes_the_last_frame_at_or_before_each_sample_time(folder):
     np.testing.assert_array_equal(clip, np.stack(frames))
 
 
+def test_iter_frames_skips_what_is_not_wanted_and_keeps_the_rest_exact(folder):
+    path = read_labels_csv(folder)[2].path
+    frames = all_frames(path)
+    seen = []
+
+    def every_third(stamp, next_stamp):
+        seen.append((stamp, next_stamp))
+        return round(stamp * 10) % 3 == 0
+
+    for i, (stamp, frame) in enumerate(iter_frames(path, every_third)):
+        assert stamp == pytest.approx(i / 10) and (frame is None) == (i % 3 != 0)
+        if frame is not None:
+            np.testing.assert_array_equal(frame, frames[i])
+    assert seen == [pytest.approx((i / 10, (i + 1) / 10)) for i in range(10)]  # each frame's stamp and the next one's
+
+
 def test_load_clip_resizes_and_rejects_short_videos(folder):
     path = read_labels_csv(folder)[1].path
     clip = load_clip(path, 3, 0.1, size=16)
