@@ -300,6 +300,9 @@ class Adapter:
         self._rng = np.random.default_rng(cfg.seed)
         self._probe: torch.Tensor | None = None
         self._probe_keep: torch.Tensor | None = None
+        self._probe_ref: torch.Tensor | None = None  # the original model's probe embeddings
+        # the deployed version's _probe_scores: a round's "before" (None: score it at the next round)
+        self._deployed_scores: tuple[float, float, float, torch.Tensor] | None = None
         self._deployed = self._mae_state()
         self._spent_s = 0.0
         self._started = time.monotonic()
@@ -367,40 +370,45 @@ class Adapter:
         return torch.where((conf >= CONFIDENT) & self._class_source[1][k], k, -1)
 
     @torch.no_grad()
-    def _probe_scores(self, wait: bool = False, start: bool = False) -> tuple[float, float, float]:
-        """(objective, its MAE part, mean embedding cosine to the original model) on the probe set, with fixed
-        masks, one clip at a time: with `wait`, inference can take the device between two clips. With `start`
-        (a round's first scoring) and no running embedding statistics yet (the first round, or after a
-        rollback), they start from the probe set's, per pseudo-label too."""
+    def _probe_scores(self, wait: bool = False) -> tuple[float, float, float, torch.Tensor]:
+        """The shadow's (objective, its MAE part, mean embedding cosine to the original model, embeddings [N, C])
+        on the probe set, with fixed masks, one clip at a time: with `wait`, inference can take the device between
+        two clips. The original model never changes, so its probe embeddings are computed once."""
         self.mae.eval()
-        losses, cos, embs = [], [], []
+        losses, cos, embs, refs = [], [], [], []
         for i in range(len(self._probe)):
             if wait and not self._wait_for_slot():
                 raise InterruptedError("adapter stopping")
             s0 = time.monotonic()
             x = self._probe[i : i + 1]
             losses.append(self.mae.forward_keep(x, self._probe_keep[i : i + 1]).loss.item())
-            emb, ref = self.mae.encoder.forward_features(x).float(), self.base.forward_features(x).float()
+            emb = self.mae.encoder.forward_features(x).float()
+            ref = self._probe_ref[i : i + 1] if self._probe_ref is not None else self.base.forward_features(x).float()
             cos.append(F.cosine_similarity(emb, ref, dim=-1).item())
             embs.append(emb[0])
+            refs.append(ref[0])
             self._spent_s += time.monotonic() - s0
         self.mae.train()
-        mae = float(np.mean(losses))
+        if self._probe_ref is None:
+            self._probe_ref = torch.stack(refs)
+        mae, e = float(np.mean(losses)), torch.stack(embs)
         if self._source is None:
-            return mae, mae, float(np.mean(cos))
-        e = torch.stack(embs)
-        stats = (e.mean(0), e.var(0))
-        align = alignment_distance(*stats, self._source)
-        if start and self._running is None:
-            self._running = stats
-        if self._class_source is not None and start and self._running_class is None:
+            return mae, mae, float(np.mean(cos)), e
+        align = alignment_distance(e.mean(0), e.var(0), self._source)
+        return mae + self.config.align_weight * align.item(), mae, float(np.mean(cos)), e
+
+    def _start_running(self, e: torch.Tensor) -> None:
+        """Running embedding statistics, when there are none yet (the first round, or after a rollback), start
+        from the deployed version's probe embeddings `e` [N, C], per pseudo-label too."""
+        if self._source is not None and self._running is None:
+            self._running = e.mean(0), e.var(0)
+        if self._class_source is not None and self._running_class is None:
             # The class term trains but does not judge: on a few probe clips, each class's mean rests on one or
             # two clips and the pseudo-labels change between rounds, which made the guard reject at random.
             self._probe_classes = self._pseudo_labels(e)
             self._running_class = self._class_source[0].clone()
             for k in self._probe_classes[self._probe_classes >= 0].unique().tolist():
                 self._running_class[k] = e[self._probe_classes == k].mean(0)
-        return mae + self.config.align_weight * align.item(), mae, float(np.mean(cos))
 
     def _alignment(self, emb: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """A step's alignment loss from its batch's embeddings [B, C] and pseudo-labels [B] (-1: none): the
@@ -496,7 +504,10 @@ class Adapter:
             new_version = self.version
             running = self._running, self._running_class  # a rejected round's batches leave no trace
             try:
-                res.probe_loss_before, res.probe_mae_before, _ = self._probe_scores(wait, start=True)
+                if self._deployed_scores is None:
+                    self._deployed_scores = self._probe_scores(wait)
+                res.probe_loss_before, res.probe_mae_before, _, deployed_emb = self._deployed_scores
+                self._start_running(deployed_emb)
                 losses = []
                 self.mae.train()
                 for _ in range(cfg.steps_per_round):
@@ -511,12 +522,13 @@ class Adapter:
                 res.train_loss = float(np.mean(losses))
                 if not self._finite():
                     raise FloatingPointError("non-finite weights after the round")
-                res.probe_loss_after, res.probe_mae_after, res.probe_cosine = self._probe_scores(wait)
+                scores = self._probe_scores(wait)
+                res.probe_loss_after, res.probe_mae_after, res.probe_cosine = scores[:3]
                 if not (np.isfinite(res.probe_loss_after) and np.isfinite(res.probe_cosine)):
                     raise FloatingPointError("non-finite probe scores")
                 if self.decoder_warmup:
                     res.reason = "decoder warm-up (encoder untouched)"
-                    self._deployed = self._mae_state()
+                    self._deployed, self._deployed_scores = self._mae_state(), scores
                     if self.rounds >= cfg.decoder_warmup_rounds:
                         self.decoder_warmup = False
                         self._make_optimizer()
@@ -541,6 +553,7 @@ class Adapter:
                     torch.cuda.empty_cache()
             if res.accepted:
                 self._deployed, self._served, self._served_blend = self._mae_state(), served, cfg.blend
+                self._deployed_scores = scores
                 self.version = new_version
                 res.version = self.version
                 res.reason = "accepted"
@@ -633,6 +646,7 @@ class Adapter:
             self.version = version
             self._make_optimizer()
             self._running = self._running_class = None  # they described the weights rolled away from
+            self._deployed_scores = None
             if self.out_dir is not None:  # a restart resumes what serves now, not what was rolled away
                 file = self._path(version).name if version in self.kept else None
                 atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": file}) + "\n")

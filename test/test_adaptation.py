@@ -639,3 +639,31 @@ def test_blend_one_serves_the_adapted_weights(tmp_path):
         config(blend=0.0)
     with pytest.raises(ValueError, match="blend must be in"):
         config(blend=1.5)
+
+
+def test_probe_scores_of_what_serves_are_reused_until_it_changes(tmp_path):
+    """A round's "before" is the deployed version's probe score, kept from the round that deployed it (rejected
+    rounds leave it, a rollback rescores it), and the original model's probe embeddings are computed once."""
+    adapter, _ = make_adapter(tmp_path, steps_per_round=1)
+    base_calls = [0]
+    real = adapter.base.forward_features
+
+    def counted(x):
+        base_calls[0] += 1
+        return real(x)
+
+    adapter.base.forward_features = counted
+    r1, r2 = adapter.run_round(wait=False), adapter.run_round(wait=False)
+    assert r1.accepted and r2.accepted and r2.probe_loss_before == r1.probe_loss_after
+    adapter.config.max_loss_increase = -0.5  # nothing passes
+    r3, r4 = adapter.run_round(wait=False), adapter.run_round(wait=False)
+    assert not r3.accepted and not r4.accepted
+    assert r3.probe_loss_before == r4.probe_loss_before == r2.probe_loss_after
+    fresh = adapter._probe_scores()  # the shadow is back on the deployed weights: scoring it anew agrees
+    assert fresh[:3] == adapter._deployed_scores[:3] and torch.equal(fresh[3], adapter._deployed_scores[3])
+    assert base_calls[0] == adapter.config.probe_clips
+    adapter.rollback(1)
+    assert adapter._deployed_scores is None
+    r5 = adapter.run_round(wait=False)
+    assert r5.probe_loss_before == pytest.approx(r1.probe_loss_after, rel=1e-4)  # v1 again, through its file
+    assert base_calls[0] == adapter.config.probe_clips
