@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay captured CUDA graphs (GPU; the Engine's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (GPU)")
+    p.add_argument("--device-resize", action="store_true",
+                   help="the frame that completes a clip is shrunk on the device, not the host (Engine device_resize)")
     p.add_argument("--fps", type=float, default=30.0)
     p.add_argument("--hop", type=float, default=0.25, help="seconds between clips")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the simulated stream")
@@ -68,8 +70,9 @@ def run(args) -> dict:
     if args.minutes is not None:
         args.seconds = 60.0 * args.minutes
     engine = Engine(args.model, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph,
-                    compile=args.compile)
-    buf = ClipBuffer(engine.num_frames, engine.frame_stride_s, args.hop, max_gap_s=1.0, frame_size=engine.size)
+                    compile=args.compile, device_resize=args.device_resize)
+    buf = ClipBuffer(engine.num_frames, engine.frame_stride_s, args.hop, max_gap_s=1.0, frame_size=engine.size,
+                     shrink_newest=not args.device_resize)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8) for _ in range(8)]
     for _ in range(3):  # warm-up: first calls allocate and pick kernels
@@ -104,6 +107,7 @@ def run(args) -> dict:
     mem.append((wall, rss_mb()))
     res = {"model": engine.encoder_version, "config": engine.model.config.name, "device": args.device,
            "precision": args.precision, "cuda_graph": engine.cuda_graph, "compile": args.compile,
+           "device_resize": args.device_resize,
            "fps_in": args.fps, "hop_s": args.hop, "frames": n, "clips": len(lat_ms),
            "frame_size": [args.height, args.width], "realtime": args.realtime, "frames_late": late,
            "clips_per_s": len(lat_ms) / wall, "wall_s": wall,
@@ -114,7 +118,8 @@ def run(args) -> dict:
     m = res["memory"]
     growth = "-" if m["rss_growth_mb_per_min"] is None else f"{m['rss_growth_mb_per_min']:+.2f}"
     res["title"] = "Engine latency (uint8 frames in, labels out, no ROS)"
-    mode = "+".join(k for k, on in (("cuda graph", engine.cuda_graph), ("compile", args.compile)) if on) or "eager"
+    mode = "+".join(k for k, on in (("cuda graph", engine.cuda_graph), ("compile", args.compile),
+                                    ("device resize", args.device_resize)) if on) or "eager"
     res["table"] = {"columns": ["model", "device", "precision", "mode", "fps in", "clips", "p50 ms", "p95 ms",
                                 "p99 ms", "late frames", "minutes", "peak RSS MB", "RSS growth MB/min"],
                     "rows": [[res["config"], args.device, args.precision, mode,

@@ -31,6 +31,8 @@ stamp is at or before the next sample time that would), which bounds the store b
 distinct sample times in one clip window plus one, whatever the camera's frame rate. The newest
 frame is kept as given until the next frame shows it is needed; only then is it shrunk once with
 `preprocess.crop_resize(frame, frame_size)`, so frames that no sample picks are never resized.
+With `shrink_newest=False` a clip takes the frame that completes it as given (the engine then resizes it on
+the device, off the host's latency path, `Engine(device_resize=True)`); it is stored shrunk at the next push.
 `push` takes ownership of `frame`: the caller must not modify it afterwards. The buffer never
 writes into a stored array (it only swaps references), so returned clips may be handed to another
 thread while pushing goes on.
@@ -96,15 +98,16 @@ class Clip:
 
 
 class _Entry:
-    """A stored frame; `small` says whether `frame` has been shrunk to the clip size yet."""
+    """A stored frame; `small` says whether `frame` has been shrunk to the clip size yet, `used` whether a
+    returned clip took it."""
 
-    __slots__ = ("stamp", "frame", "tag", "small")
+    __slots__ = ("stamp", "frame", "tag", "small", "used")
 
     def __init__(self, stamp: float, frame: np.ndarray, tag: Any) -> None:
         self.stamp = stamp
         self.frame = frame
         self.tag = tag
-        self.small = False
+        self.small = self.used = False
 
 
 class ClipBuffer:
@@ -117,6 +120,7 @@ class ClipBuffer:
         hop_s: float,
         max_gap_s: float,
         frame_size: int,
+        shrink_newest: bool = True,
     ) -> None:
         if int(num_frames) != num_frames or num_frames < 1:
             raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
@@ -130,6 +134,7 @@ class ClipBuffer:
         self.hop_s = float(hop_s)
         self.max_gap_s = float(max_gap_s)
         self.frame_size = int(frame_size)
+        self.shrink_newest = shrink_newest
 
         # Counters for diagnostics; never reset, so rates can be taken from differences.
         self.frames_in = 0  # every push
@@ -200,7 +205,7 @@ class ClipBuffer:
             if stamp == last.stamp:
                 # Keep the later frame. Clips already returned keep their own reference.
                 self.duplicates += 1
-                last.frame, last.tag, last.small = frame, tag, False
+                last.frame, last.tag, last.small, last.used = frame, tag, False, False
                 return []
             if stamp < last.stamp:
                 self.reset(f"stamp went backwards {last.stamp:.6f} -> {stamp:.6f}")
@@ -214,7 +219,7 @@ class ClipBuffer:
             self._shrink(self._entries[-1])
         else:
             dropped = self._entries.pop()
-            self.frames_unused += not dropped.small  # small: a returned clip used it
+            self.frames_unused += not dropped.used
         self._entries.append(_Entry(stamp, frame, tag))
 
         clips = []
@@ -268,7 +273,9 @@ class ClipBuffer:
             # j >= 0: the anchor frame (or a later one) is at or before every sample time, and
             # `_needed` only drops a frame when its successor is at or before the next sample.
             entry = self._entries[j]
-            frames.append(self._shrink(entry))
+            entry.used = True
+            newest = j == len(self._entries) - 1
+            frames.append(entry.frame if newest and not self.shrink_newest else self._shrink(entry))
             stamps.append(entry.stamp)
             tags.append(entry.tag)
         return Clip(

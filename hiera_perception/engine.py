@@ -8,8 +8,14 @@ per-clip overhead of a small batch, where hundreds of kernel launches cost more 
 `cuda_graph` captures normalise + encoder + head once per batch size and replays it (the weights are
 updated in place by adaptation swaps, so a captured graph stays valid), and `compile` runs that same
 function through torch.compile (tens of seconds at start). On an H200 with Hiera-B 16x224 in bf16, a clip's
-forward took 14 ms eagerly, 4 ms replayed and 3 ms compiled and replayed (benchmarks/results/engine_cuda_*),
-so graphs are on by default and compile is opt-in; both are ignored on CPU.
+forward took 14 ms eagerly, 4 ms replayed and 3 ms compiled and replayed (benchmarks/results/h200/engine_cuda_*;
+the H100 in benchmarks/results/ alike), so graphs are on by default and compile is opt-in; both are ignored on CPU.
+
+`device_resize` takes full-size frames (a ClipBuffer(shrink_newest=False) leaves the one that completes a clip
+so) to the device as their centre squares and shrinks them there (`preprocess.AreaResize`, the same pixels as
+the host's INTER_AREA): on the H100 machine the host's resize of a 640x480 frame (`push`) took 2.8-4.0 ms of a
+clip's 7.3-8.5 ms (p50, benchmarks/results/engine_cuda_bf16*.json).
+Off by default until a GPU benchmark shows it pays (benchmarks/gpu.sh runs it).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from hiera_perception.checkpoint import load_model, resolve_device
 from hiera_perception.cuda_graph import CudaGraph
 from hiera_perception.labeler import Labeler, Prototypes, prototypes_path
 from hiera_perception.model import Hiera
-from hiera_perception.preprocess import crop_resize, normalize
+from hiera_perception.preprocess import AreaResize, centre_square, crop_resize, normalize
 
 __all__ = ["Engine", "ClipResult", "PRECISIONS"]
 
@@ -44,9 +50,11 @@ class ClipResult:
 
 class Engine:
     def __init__(self, model: Hiera | str | None = None, device: str = "auto", precision: str = "fp32", top_k: int = 5,
-                 prototypes_file: str | None = None, cuda_graph: bool = True, compile: bool = False):
+                 prototypes_file: str | None = None, cuda_graph: bool = True, compile: bool = False,
+                 device_resize: bool = False):
         """prototypes_file: where taught labels persist (default: beside the model's file, if any).
-        cuda_graph / compile: replay captured CUDA graphs / use torch.compile (GPU only, see above)."""
+        cuda_graph / compile: replay captured CUDA graphs / use torch.compile (GPU only, see above).
+        device_resize: shrink full-size frames on the device rather than the host (see above; any device)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = resolve_device(device)
@@ -70,6 +78,8 @@ class Engine:
         self._net = torch.compile(self._run, dynamic=False) if compile and gpu else self._run
         self._graphs: dict[int, CudaGraph] = {}
         self._host: dict[int, torch.Tensor] = {}
+        self._resize = AreaResize(self.size, self.device) if device_resize else None
+        self._staging: dict[tuple[int, int], torch.Tensor] = {}  # (frames, side) -> host buffer of squares
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None  # one memory pool for all sizes
 
     @property
@@ -87,9 +97,10 @@ class Engine:
             out = self.model(x)
         return out.embedding, out.logits
 
-    def _host_batch(self, clips: Sequence[Sequence[np.ndarray]]) -> torch.Tensor:
+    def _host_batch(self, clips: Sequence[Sequence[np.ndarray]]) -> tuple[torch.Tensor, dict[int, list]]:
         """The clips' frames, resized, written once into a reused [B, T, S, S, 3] uint8 host buffer
-        (pinned on a GPU, so the upload is one asynchronous copy)."""
+        (pinned on a GPU, so the upload is one asynchronous copy). With device_resize, frames larger than S
+        are left out and returned as {side: [(clip, frame, centre square)]} for the device to shrink."""
         for c in clips:
             if len(c) != self.num_frames:
                 raise ValueError(f"a clip must have {self.num_frames} frames for {self.model.config.name}, got {len(c)}")
@@ -100,16 +111,39 @@ class Engine:
             buf = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
             if B <= MAX_GRAPH_BATCH:
                 self._host[B] = buf
-        view = buf.numpy()
+        view, large = buf.numpy(), {}
         for i, c in enumerate(clips):
             for j, f in enumerate(c):
-                view[i, j] = crop_resize(np.asarray(f), self.size)
-        return buf
+                f = np.asarray(f)
+                if self._resize is not None and min(f.shape[:2]) > self.size:  # larger than S: shrink on the device
+                    square = centre_square(f)
+                    large.setdefault(len(square), []).append((i, j, square))
+                else:
+                    view[i, j] = crop_resize(f, self.size)
+        return buf, large
+
+    def _device_batch(self, buf: torch.Tensor, large: dict[int, list]) -> torch.Tensor:
+        """The host batch on the device, with the frames left large shrunk there into their places."""
+        x = buf.to(self.device, non_blocking=True)
+        for side, items in large.items():
+            stage = self._staging.get((len(items), side))
+            if stage is None:
+                stage = torch.empty((len(items), side, side, 3), dtype=torch.uint8,
+                                    pin_memory=self.device.type == "cuda")
+                self._staging[(len(items), side)] = stage  # one entry per camera size and clip count
+            sv = stage.numpy()
+            for k, (_, _, square) in enumerate(items):
+                sv[k] = square
+            small = self._resize(stage.to(self.device, non_blocking=True))
+            for k, (i, j, _) in enumerate(items):
+                x[i, j] = small[k]
+        return x
 
     @torch.inference_mode()
     def _forward(self, clips: Sequence[Sequence[np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # The buffer is rewritten by the next call: safe, since every caller waits for this call's results.
-        x = self._host_batch(clips)
+        # The buffers are rewritten by the next call: safe, since every caller waits for this call's results.
+        buf, large = self._host_batch(clips)
+        x = self._device_batch(buf, large) if large else buf
         if self.cuda_graph and len(clips) <= MAX_GRAPH_BATCH:
             graph = self._graphs.get(len(clips))
             if graph is None:
@@ -119,7 +153,7 @@ class Engine:
                     log.warning("CUDA graph capture failed, running eagerly from now on: %s", e)
                     self.cuda_graph = False
                     return self._net(x.to(self.device, non_blocking=True))
-            return graph(x)  # the host buffer goes straight into the graph's input
+            return graph(x)  # the batch goes straight into the graph's input
         return self._net(x.to(self.device, non_blocking=True))
 
     def infer(self, clips: Sequence[Sequence[np.ndarray]]) -> list[ClipResult]:

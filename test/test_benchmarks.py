@@ -79,7 +79,7 @@ def test_gpu_script_dry_run_on_cpu_writes_every_result(tmp_path):
         "encoder_cpu_bf16.json", "encoder_cpu_fp32.json", "encoder_cpu_bf16_compile.json",
         "mae_step_cpu_bf16.json", "mae_step_cpu_bf16_compile.json", "engine_cpu_bf16.json",
         "engine_cpu_bf16_graph.json", "engine_cpu_bf16_graph_saturated.json", "engine_cpu_bf16_graph_compile.json",
-        "engine_cpu_bf16_graph_compile_saturated.json"])
+        "engine_cpu_bf16_graph_device_resize.json", "engine_cpu_bf16_graph_compile_device_resize.json"])
     for name in names:
         res = json.loads((tmp_path / "results" / name).read_text())
         assert res["machine"]["torch"] == torch.__version__ and res["device"] == "cpu"

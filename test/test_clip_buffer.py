@@ -281,3 +281,26 @@ def test_counters_and_explicit_reset():
     assert buf.resets == 1 and buf.stored == 0
     out = buf.push(5.0, frame(0)) + buf.push(5.1, frame(1))
     assert len(out) == 1 and out[0].start == 5.0 and out[0].epoch == 1
+
+
+def test_shrink_newest_false_hands_the_completing_frame_over_as_given():
+    # Same stream both ways: the same clips and counters; only the frame that completes a clip differs, given at
+    # camera size (the engine shrinks it on the device), and it is stored shrunk once the next frame comes.
+    rng = random.Random(3)
+    stamps, t = [], 0.0
+    for _ in range(300):
+        t += rng.choice([1 / 30, 1 / 30, 2 / 30, 1 / 120])
+        stamps.append(t)
+    frames = [np.full((6, 8, 3), n % 256, np.uint8) for n in range(len(stamps))]
+    shrunk = ClipBuffer(4, 2 / 30, 4 / 30, max_gap_s=0.5, frame_size=2)
+    as_given = ClipBuffer(4, 2 / 30, 4 / 30, max_gap_s=0.5, frame_size=2, shrink_newest=False)
+    for n, (t, f) in enumerate(zip(stamps, frames)):
+        a, b = shrunk.push(t, f, tag=n), as_given.push(t, f, tag=n)
+        assert [c.tags for c in a] == [c.tags for c in b]
+        for x, y in zip(a, b):
+            *older, newest = y.frames
+            assert (newest is f) == (y.tags[-1] == n)  # the frame pushed now, untouched, when the clip takes it
+            assert all(g.shape == (2, 2, 3) for g in older) and all(g.shape == (2, 2, 3) for g in x.frames)
+            assert all(np.array_equal(g, cb.crop_resize(h, 2)) for g, h in zip(x.frames, y.frames))
+    assert shrunk.counters() == as_given.counters() and shrunk.clips_out > 50
+    assert all(e.frame.shape == (2, 2, 3) for e in list(as_given._entries)[:-1])

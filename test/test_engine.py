@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hiera_perception.config import get_config
 from hiera_perception.engine import Engine
 from hiera_perception.labeler import prototypes_path
 from hiera_perception.model import Hiera
-from hiera_perception.preprocess import preprocess_clip
+from hiera_perception.preprocess import AreaResize, centre_square, crop_resize, preprocess_clip
 
 TINY = "hiera_tiny_8x64"
 LABELS = ["wave", "idle", "approach", "recede", "swipe"]
@@ -164,3 +165,32 @@ def test_cuda_graph_replay_matches_eager_and_sees_swapped_weights(precision):
     eager.model.load_state_dict(new)
     for g, e in zip(graphed.infer(clips), eager.infer(clips)):
         assert np.allclose(g.embedding, e.embedding, atol=tol)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("h, w, size", [(480, 640, 224), (720, 1280, 224), (128, 128, 64), (97, 130, 64)])
+def test_area_resize_on_the_device_gives_the_host_pixels(device, h, w, size):
+    # smooth and noisy content: rounding ties (integer factors) and fractional overlaps (2.14x) both occur
+    rng = np.random.default_rng(h + w)
+    noisy = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    frames = np.stack([noisy, cv2.GaussianBlur(noisy, (0, 0), 3)])
+    squares = torch.from_numpy(np.stack([centre_square(f) for f in frames])).to(device)
+    got = AreaResize(size, device)(squares).cpu().numpy()
+    want = np.stack([crop_resize(f, size) for f in frames])
+    assert got.shape == want.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1 and (got == want).mean() > 0.999
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_device_resize_serves_what_the_host_resize_serves(device):
+    # a clip as ClipBuffer(shrink_newest=False) hands it over: frames already small, the newest at camera size;
+    # a second clip from a camera of another size, batched with it, and a third with every frame large
+    rng = np.random.default_rng(8)
+    small = [crop_resize(f, 64) for f in clip(rng, 120, 160)]
+    clips = [small[:-1] + [clip(rng, 120, 160, 1)[0]], clip(rng, 64, 64), clip(rng, 90, 200)]
+    on = Engine(model_with_head(), device=device, device_resize=True)
+    off = Engine(model_with_head(), device=device)
+    for _ in range(2):  # the host and staging buffers are reused on the second call
+        for a, b in zip(on.infer(clips), off.infer(clips)):
+            assert np.allclose(a.embedding, b.embedding, atol=1e-4) and a.labels == b.labels
+    assert {side for _, side in on._staging} == {90, 120}
