@@ -8,18 +8,26 @@ clips. Recovered = (after - before) / (clean - before): the share of the shift's
 
     python -m benchmarks adaptation                       # the embedded model, every shift
     python -m benchmarks adaptation --shifts blur noise --rounds 20
-    python -m benchmarks adaptation --repeats 3            # what the README quotes
+    python -m benchmarks adaptation --repeats 3 --jobs 2   # what the README quotes
+
+`--jobs N` runs the adaptation runs in N processes of one CPU thread each: the adapter's steps are one clip
+at a time, which a second thread hardly speeds up (on 2 cores a round took 12-14 s on 2 threads, about 8 s on
+one thread beside a second run), so two one-thread runs side by side take about a third of the time.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import logging
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.common import write_result
 from hiera_perception.adapt import adapt_offline, add_config_arguments, config_from
@@ -37,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=20, help="adaptation rounds per shift (default 20)")
     p.add_argument("--seed", type=int, default=7, help="test clips use this seed, adapt clips seed + 1 + repeat")
     p.add_argument("--repeats", type=int, default=1, help="adaptation runs per shift, averaged (default 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="adaptation runs at once, each in a process of its own on one CPU thread (default 1: in this "
+                        "process, on torch's threads)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default=None, help="folder for data and adapted models (default: a temporary one)")
     p.add_argument("--name", default="adaptation_cpu", help="results file name")
@@ -59,9 +70,30 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, axis=1)))
 
 
+def _accuracy(engine: Engine, folder: Path) -> float:
+    return evaluate(engine, folder, batch=16)["accuracy"]
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+
+
+def adapt_run(args, work: Path, shift: str, r: int) -> dict:
+    """Repeat r of a shift: adapt on its own unlabeled clips (adapter seed r), then score the adapted model on the
+    shifted test clips and the clean ones; with the clean clips' embeddings for the drift."""
+    summary = adapt_offline(args.model, work / f"adapted_{shift}_{r}.pt", data=str(work / f"adapt_{shift}_{r}"),
+                            config=dataclasses.replace(config_from(args), seed=r),
+                            rounds=args.rounds, device=args.device, progress=False)
+    adapted = Engine(str(summary.out), device=args.device)
+    return {"after": _accuracy(adapted, work / f"test_{shift}"), "clean_after": _accuracy(adapted, work / "clean"),
+            "clean_embeddings": embeddings(adapted, work / "clean"), "version": summary.version,
+            "accepted": summary.accepted, "rejected": summary.rejected, "reasons": dict(summary.reasons)}
+
+
 def run(args, work: Path) -> dict:
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.repeats < 1 or args.jobs < 1:
+        raise ValueError(f"--repeats and --jobs must be >= 1, got {args.repeats}, {args.jobs}")
     config = config_from(args)  # a bad setting fails here, before the data and the base model's scores
     base = Engine(args.model, device=args.device)
     size = max(128, 2 * base.size)  # rendered larger than the model's input, as the camera's frames are
@@ -73,47 +105,53 @@ def run(args, work: Path) -> dict:
                           progress=False)
         return folder
 
-    def acc(engine: Engine, folder: Path) -> float:
-        return evaluate(engine, folder, batch=16)["accuracy"]
-
     clean = data("clean", "none", args.test_clips, args.seed)
-    base_clean = acc(base, clean)
+    base_clean = _accuracy(base, clean)
     base_emb = embeddings(base, clean)
     print(f"{base.encoder_version}: clean accuracy {base_clean:.3f}", flush=True)
-    rows = []
+    before = {}
     for shift in args.shifts:
-        t0 = time.monotonic()
-        test = data(f"test_{shift}", shift, args.test_clips, args.seed)
-        before = acc(base, test)
-        lost = base_clean - before
-        runs = []
+        before[shift] = _accuracy(base, data(f"test_{shift}", shift, args.test_clips, args.seed))
         for r in range(args.repeats):
-            pool = data(f"adapt_{shift}_{r}", shift, args.adapt_clips, args.seed + 1 + r, unlabeled=True)
-            summary = adapt_offline(args.model, work / f"adapted_{shift}_{r}.pt", data=str(pool),
-                                    config=dataclasses.replace(config, seed=r),
-                                    rounds=args.rounds, device=args.device, progress=False)
-            adapted = Engine(str(summary.out), device=args.device)
-            after, clean_after = acc(adapted, test), acc(adapted, clean)
-            runs.append({"after": after, "recovered": (after - before) / lost if lost > 0 else None,
-                         "clean_after": clean_after, "clean_drop_points": 100 * (base_clean - clean_after),
-                         "drift_cosine": mean_cosine(embeddings(adapted, clean), base_emb),
-                         "version": summary.version, "accepted": summary.accepted, "rejected": summary.rejected,
-                         "reasons": dict(summary.reasons)})
-            rec = "-" if runs[-1]["recovered"] is None else f"{100 * runs[-1]['recovered']:.0f}%"
-            print(f"{shift} #{r}: {before:.3f} -> {after:.3f} (recovered {rec}), clean {base_clean:.3f} -> "
-                  f"{clean_after:.3f}, drift cosine {runs[-1]['drift_cosine']:.4f}, "
-                  f"{summary.accepted}/{summary.rounds} rounds accepted", flush=True)
+            data(f"adapt_{shift}_{r}", shift, args.adapt_clips, args.seed + 1 + r, unlabeled=True)
+    runs = [(shift, r) for shift in args.shifts for r in range(args.repeats)]
+    t0 = time.monotonic()
+    if args.jobs == 1:
+        results = (adapt_run(args, work, shift, r) for shift, r in runs)
+        pool = None
+    else:  # spawned: a forked child of a process that has run OpenMP kernels can hang in its first one
+        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"),
+                                                      initializer=_worker_init)
+        results = pool.map(adapt_run, *zip(*[(args, work, shift, r) for shift, r in runs]))
+    by_shift: dict[str, list[dict]] = {shift: [] for shift in args.shifts}
+    try:
+        for (shift, r), x in zip(runs, results):
+            lost = base_clean - before[shift]
+            x["recovered"] = (x["after"] - before[shift]) / lost if lost > 0 else None
+            x["clean_drop_points"] = 100 * (base_clean - x["clean_after"])
+            x["drift_cosine"] = mean_cosine(x.pop("clean_embeddings"), base_emb)
+            by_shift[shift].append(x)
+            rec = "-" if x["recovered"] is None else f"{100 * x['recovered']:.0f}%"
+            print(f"{shift} #{r}: {before[shift]:.3f} -> {x['after']:.3f} (recovered {rec}), clean {base_clean:.3f} "
+                  f"-> {x['clean_after']:.3f}, drift cosine {x['drift_cosine']:.4f}, "
+                  f"{x['accepted']}/{x['accepted'] + x['rejected']} rounds accepted", flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    seconds = time.monotonic() - t0
+    rows = []
+    for shift, runs_ in by_shift.items():
         # The test clips are fixed, so the mean of `after` and the mean of `recovered` tell the same.
-        after = float(np.mean([x["after"] for x in runs]))
-        rec = [x["recovered"] for x in runs if x["recovered"] is not None]
-        rows.append({"shift": shift, "clean": base_clean, "before": before, "after": after,
+        rec = [x["recovered"] for x in runs_ if x["recovered"] is not None]
+        rows.append({"shift": shift, "clean": base_clean, "before": before[shift],
+                     "after": float(np.mean([x["after"] for x in runs_])),
                      "recovered": float(np.mean(rec)) if rec else None,
                      "recovered_range": [min(rec), max(rec)] if rec else None,
-                     "clean_after": float(np.mean([x["clean_after"] for x in runs])),
-                     "clean_drop_points": float(np.mean([x["clean_drop_points"] for x in runs])),
-                     "drift_cosine": float(np.mean([x["drift_cosine"] for x in runs])),
-                     "accepted": sum(x["accepted"] for x in runs),
-                     "rejected": sum(x["rejected"] for x in runs), "runs": runs, "seconds": time.monotonic() - t0})
+                     "clean_after": float(np.mean([x["clean_after"] for x in runs_])),
+                     "clean_drop_points": float(np.mean([x["clean_drop_points"] for x in runs_])),
+                     "drift_cosine": float(np.mean([x["drift_cosine"] for x in runs_])),
+                     "accepted": sum(x["accepted"] for x in runs_),
+                     "rejected": sum(x["rejected"] for x in runs_), "runs": runs_})
     rec = [r["recovered"] for r in rows if r["recovered"] is not None]
     mean = {"recovered": float(np.mean(rec)) if rec else None,
             "clean_drop_points": float(np.mean([r["clean_drop_points"] for r in rows])),
@@ -135,6 +173,8 @@ def run(args, work: Path) -> dict:
                        f"{-mean['clean_drop_points']:+.1f} pts", "", ""])
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "seed"}  # seed: the repeat's
     return {"model": base.encoder_version, "device": args.device, "rounds": args.rounds, "adaptation": settings,
+            "jobs": args.jobs, "threads_per_job": 1 if args.jobs > 1 else torch.get_num_threads(),
+            "adapt_seconds": seconds,
             "test_clips": args.test_clips, "adapt_clips": args.adapt_clips,
             "seed": args.seed, "repeats": args.repeats, "rows": rows, "mean": mean,
             "title": f"Adaptation under shift (accuracy %, {args.test_clips} test clips per set, adapted on "

@@ -29,9 +29,9 @@ def test_engine_benchmark_writes_latency_and_memory(tmp_path):
 
 def test_adaptation_benchmark_bookkeeping(always_wave, tmp_path):
     # A head that always says "wave": every balanced set scores exactly 1/8 before and after adaptation (which
-    # moves the encoder, not the head), so nothing was lost and nothing recovered.
+    # moves the encoder, not the head), so nothing was lost and nothing recovered. Two worker processes (--jobs 2).
     cmd = [sys.executable, "-m", "benchmarks", "adaptation", "--model", str(always_wave), "--shifts", "blur", "noise",
-           "--test-clips", "8", "--adapt-clips", "20", "--rounds", "2", "--repeats", "2", "--work", str(tmp_path / "work"),
+           "--test-clips", "8", "--adapt-clips", "20", "--rounds", "2", "--repeats", "2", "--jobs", "2", "--work", str(tmp_path / "work"),
            "--out", str(tmp_path), "--name", "adaptation_test"]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=600, capture_output=True)
     res = json.loads((tmp_path / "adaptation_test.json").read_text())
@@ -49,6 +49,8 @@ def test_adaptation_benchmark_bookkeeping(always_wave, tmp_path):
     first = [next(p for p in sorted(pool.iterdir()) if p.name.startswith("clip_")).read_bytes() for pool in pools]
     assert first[0] != first[1]
     assert len(res["table"]["rows"]) == 3 and res["mean"]["recovered"] is None
+    assert res["jobs"] == 2 and res["threads_per_job"] == 1
+    assert all((work / f"adapted_{s}_{r}.pt").is_file() for s in ("blur", "noise") for r in (0, 1))
 
 
 def test_encoder_benchmark_batches_per_config_and_the_report_renders_them(tmp_path):
