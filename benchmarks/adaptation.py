@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.common import write_result
 from hiera_perception.adapt import adapt_offline, add_config_arguments, config_from
+from hiera_perception.adaptation import AdaptationConfig
 from hiera_perception.dataset import ClipDataset
 from hiera_perception.engine import Engine
 from hiera_perception.evaluate import evaluate
@@ -79,12 +80,11 @@ def _worker_init() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
 
 
-def adapt_run(args, work: Path, shift: str, r: int) -> dict:
-    """Repeat r of a shift: adapt on its own unlabeled clips (adapter seed r), then score the adapted model on the
-    shifted test clips and the clean ones; with the clean clips' embeddings for the drift."""
+def adapt_run(args, config: AdaptationConfig, work: Path, shift: str, r: int) -> dict:
+    """Repeat r of a shift: adapt on its own unlabeled clips with `config` (its seed is r), then score the adapted
+    model on the shifted test clips and the clean ones; with the clean clips' embeddings for the drift."""
     summary = adapt_offline(args.model, work / f"adapted_{shift}_{r}.pt", data=str(work / f"adapt_{shift}_{r}"),
-                            config=dataclasses.replace(config_from(args), seed=r),
-                            rounds=args.rounds, device=args.device, progress=False)
+                            config=config, rounds=args.rounds, device=args.device, progress=False)
     adapted = Engine(str(summary.out), device=args.device)
     return {"after": _accuracy(adapted, work / f"test_{shift}"), "clean_after": _accuracy(adapted, work / "clean"),
             "clean_embeddings": embeddings(adapted, work / "clean"), "version": summary.version,
@@ -114,18 +114,16 @@ def run(args, work: Path) -> dict:
         before[shift] = _accuracy(base, data(f"test_{shift}", shift, args.test_clips, args.seed))
         for r in range(args.repeats):
             data(f"adapt_{shift}_{r}", shift, args.adapt_clips, args.seed + 1 + r, unlabeled=True)
-    runs = [(shift, r) for shift in args.shifts for r in range(args.repeats)]
+    todo = [(shift, r) for shift in args.shifts for r in range(args.repeats)]
+    calls = [(args, dataclasses.replace(config, seed=r), work, shift, r) for shift, r in todo]
     t0 = time.monotonic()
-    if args.jobs == 1:
-        results = (adapt_run(args, work, shift, r) for shift, r in runs)
-        pool = None
-    else:  # spawned: a forked child of a process that has run OpenMP kernels can hang in its first one
-        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"),
-                                                      initializer=_worker_init)
-        results = pool.map(adapt_run, *zip(*[(args, work, shift, r) for shift, r in runs]))
+    # spawned, not forked: a forked child of a process that has run OpenMP kernels can hang in its first one
+    pool = (concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"),
+                                                   initializer=_worker_init) if args.jobs > 1 else None)
     by_shift: dict[str, list[dict]] = {shift: [] for shift in args.shifts}
     try:
-        for (shift, r), x in zip(runs, results):
+        results = (pool.map if pool else map)(adapt_run, *zip(*calls))  # in order, whoever ran them
+        for (shift, r), x in zip(todo, results):
             lost = base_clean - before[shift]
             x["recovered"] = (x["after"] - before[shift]) / lost if lost > 0 else None
             x["clean_drop_points"] = 100 * (base_clean - x["clean_after"])
@@ -140,18 +138,18 @@ def run(args, work: Path) -> dict:
             pool.shutdown(cancel_futures=True)
     seconds = time.monotonic() - t0
     rows = []
-    for shift, runs_ in by_shift.items():
+    for shift, runs in by_shift.items():
         # The test clips are fixed, so the mean of `after` and the mean of `recovered` tell the same.
-        rec = [x["recovered"] for x in runs_ if x["recovered"] is not None]
+        rec = [x["recovered"] for x in runs if x["recovered"] is not None]
         rows.append({"shift": shift, "clean": base_clean, "before": before[shift],
-                     "after": float(np.mean([x["after"] for x in runs_])),
+                     "after": float(np.mean([x["after"] for x in runs])),
                      "recovered": float(np.mean(rec)) if rec else None,
                      "recovered_range": [min(rec), max(rec)] if rec else None,
-                     "clean_after": float(np.mean([x["clean_after"] for x in runs_])),
-                     "clean_drop_points": float(np.mean([x["clean_drop_points"] for x in runs_])),
-                     "drift_cosine": float(np.mean([x["drift_cosine"] for x in runs_])),
-                     "accepted": sum(x["accepted"] for x in runs_),
-                     "rejected": sum(x["rejected"] for x in runs_), "runs": runs_})
+                     "clean_after": float(np.mean([x["clean_after"] for x in runs])),
+                     "clean_drop_points": float(np.mean([x["clean_drop_points"] for x in runs])),
+                     "drift_cosine": float(np.mean([x["drift_cosine"] for x in runs])),
+                     "accepted": sum(x["accepted"] for x in runs),
+                     "rejected": sum(x["rejected"] for x in runs), "runs": runs})
     rec = [r["recovered"] for r in rows if r["recovered"] is not None]
     mean = {"recovered": float(np.mean(rec)) if rec else None,
             "clean_drop_points": float(np.mean([r["clean_drop_points"] for r in rows])),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark set in one prepared run (about 7 minutes on an H100, 5 on an H200), results under $OUT (or
-# benchmarks/results).
+# The GPU benchmark set in one prepared run, results under $OUT (or benchmarks/results). Before the two
+# device-resize rows took the place of a compiled saturated one it ran in about 7 minutes on an H100, 5 on an H200.
 #
 # On a lent GPU machine (no network; its own Python with torch, timm, tqdm, OpenCV): put the wheels it
 # lacks in .gpu_wheels/ (hiera-transformer for the official baseline), ignored by git, and carry it:

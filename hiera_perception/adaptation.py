@@ -376,6 +376,7 @@ class Adapter:
         two clips. The original model never changes, so its probe embeddings are computed once."""
         self.mae.eval()
         losses, cos, embs, refs = [], [], [], []
+        first = self._probe_ref is None
         for i in range(len(self._probe)):
             if wait and not self._wait_for_slot():
                 raise InterruptedError("adapter stopping")
@@ -383,13 +384,13 @@ class Adapter:
             x = self._probe[i : i + 1]
             losses.append(self.mae.forward_keep(x, self._probe_keep[i : i + 1]).loss.item())
             emb = self.mae.encoder.forward_features(x).float()
-            ref = self._probe_ref[i : i + 1] if self._probe_ref is not None else self.base.forward_features(x).float()
+            ref = self.base.forward_features(x).float() if first else self._probe_ref[i : i + 1]
             cos.append(F.cosine_similarity(emb, ref, dim=-1).item())
             embs.append(emb[0])
-            refs.append(ref[0])
+            refs += [ref[0]] if first else []
             self._spent_s += time.monotonic() - s0
         self.mae.train()
-        if self._probe_ref is None:
+        if first:
             self._probe_ref = torch.stack(refs)
         mae, e = float(np.mean(losses)), torch.stack(embs)
         if self._source is None:

@@ -274,8 +274,8 @@ class ClipBuffer:
             # `_needed` only drops a frame when its successor is at or before the next sample.
             entry = self._entries[j]
             entry.used = True
-            newest = j == len(self._entries) - 1
-            frames.append(entry.frame if newest and not self.shrink_newest else self._shrink(entry))
+            as_given = not self.shrink_newest and j == len(self._entries) - 1  # the newest, for the device
+            frames.append(entry.frame if as_given else self._shrink(entry))
             stamps.append(entry.stamp)
             tags.append(entry.tag)
         return Clip(
