@@ -119,6 +119,9 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "adaptation.align_weight": (_ADAPT.align_weight, _desc(
         "Weight of the distance of the camera's embedding mean/variance and per-class means to the training "
         "clips' (the model's feature_stats) beside the MAE loss; 0 = MAE alone", 0.0, 1.0e6)),
+    "adaptation.stage_weight": (_ADAPT.stage_weight, _desc(
+        "Weight of the distance of each encoder stage's per-channel token mean/variance to the training clips' "
+        "(the model's feature_stats), in units of their spread; 0 = none", 0.0, 1.0e6)),
     "adaptation.replay_mb": (_ADAPT.replay_mb, _desc("Memory cap of the replay buffer of recent clips, MB",
                                                      1.0, 1.0e6)),
     "adaptation.min_clips": (_ADAPT.min_clips, _desc("Clips in the replay before the first round", 1, 100000)),
@@ -126,8 +129,8 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "adaptation.min_probe_cosine": (_ADAPT.min_probe_cosine, _desc(
         "Reject a round whose probe embeddings' mean cosine to the original model falls below this", -1.0, 1.0)),
     "adaptation.max_loss_increase": (_ADAPT.max_loss_increase, _desc(
-        "Reject a round whose probe MAE loss + mean/variance alignment exceeds the deployed one by more than this "
-        "fraction", 0.0, 1.0e6)),
+        "Reject a round whose probe MAE loss + mean/variance and stage alignment exceeds the deployed one by more "
+        "than this fraction", 0.0, 1.0e6)),
     "adaptation.max_device_share": (_ADAPT.max_device_share, _desc(
         "Largest share of wall time spent in adaptation (it also yields whenever inference has work)", 0.01, 1.0)),
     "adaptation.threads": (_ADAPT.threads, _desc(

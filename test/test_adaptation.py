@@ -115,7 +115,7 @@ def test_replay_buffer_caps_memory_and_evicts_oldest():
      ("mask_ratio", -0.1, "mask_ratio"), ("steps_per_round", 0, "steps_per_round must be >= 1"),
      ("batch_size", 0, "batch_size"), ("min_clips", 0, "min_clips"), ("probe_clips", 0, "probe_clips"),
      ("keep_versions", 0, "keep_versions must be >= 1, got 0"), ("align_weight", -1.0, "align_weight must be >= 0"),
-     ("align_momentum", 1.0, "align_momentum in \\[0, 1\\)"),
+     ("align_momentum", 1.0, "align_momentum in \\[0, 1\\)"), ("stage_weight", -0.5, "stage_weight must be >= 0"),
      ("batch_size", 1, "align_weight > 0 needs batch_size and probe_clips >= 2"),
      ("min_clips", 8, "probe_clips \\(48\\) must be <= min_clips \\(8\\)")],
 )
@@ -522,6 +522,14 @@ def test_feature_stats_are_the_embeddings_mean_and_variance():
     torch.testing.assert_close(torch.tensor(stats["mean"]), emb.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(stats["var"]), emb.var(0), rtol=1e-5, atol=1e-6)
     json.dumps(stats)  # it travels in a checkpoint's extra
+    # each stage's per-channel mean and variance over every token of every clip
+    with torch.no_grad():
+        _, inter = model.forward_tokens(torch.cat(batches), return_intermediates=True)
+    assert [len(s["mean"]) for s in stats["stages"]] == [t.shape[-1] for t in inter] == [32, 64, 128, 256]
+    for s, t in zip(stats["stages"], inter):
+        t = t.reshape(-1, t.shape[-1])
+        torch.testing.assert_close(torch.tensor(s["mean"]), t.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(s["var"]), t.var(0, unbiased=False), rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="at least 2 clips"):
         adaptation.feature_stats(model, [(batches[1][:1], None)])
     # with labels (head class indices): each class's mean embedding; class 1 has no clip
@@ -531,7 +539,7 @@ def test_feature_stats_are_the_embeddings_mean_and_variance():
     torch.testing.assert_close(torch.tensor(labelled["class_mean"][2]), emb[[1, 3, 4]].mean(0), rtol=1e-5, atol=1e-6)
 
 
-def shifted_adapter(tmp_path: Path, align_weight: float) -> tuple[Adapter, dict]:
+def shifted_adapter(tmp_path: Path, align_weight: float, stage_weight: float = 0.0) -> tuple[Adapter, dict]:
     """The source statistics are of bright clips; the camera sends dark ones (a lighting shift). The head is
     sure of class 0 (a bias), so every clip's pseudo-label is 0 and the class term is in play."""
     model = serving_model()
@@ -544,8 +552,8 @@ def shifted_adapter(tmp_path: Path, align_weight: float) -> tuple[Adapter, dict]
 
     x = torch.cat([preprocess_clip(c, 64, cfg.mean, cfg.std, "cpu") for c in bright])
     model.feature_stats = adaptation.feature_stats(model, [(x, torch.arange(8) % len(LABELS))])
-    adapter, _ = make_adapter(tmp_path, model, clips=0, align_weight=align_weight, steps_per_round=4, batch_size=4,
-                              probe_clips=4, min_clips=8)
+    adapter, _ = make_adapter(tmp_path, model, clips=0, align_weight=align_weight, stage_weight=stage_weight,
+                              steps_per_round=4, batch_size=4, probe_clips=4, min_clips=8)
     for _ in range(8):
         adapter.add_clip(rng.integers(0, 96, size=CLIP, dtype=np.uint8))
     return adapter, model.feature_stats
@@ -563,6 +571,29 @@ def test_alignment_pulls_the_camera_embeddings_to_the_training_statistics(tmp_pa
     assert load_checkpoint(path).extra["feature_stats"] == stats and load_model(path, device="cpu").feature_stats == stats
 
 
+def stage_part(adapter: Adapter, moments: list[torch.Tensor]) -> float:
+    """The stage term of a probe objective, from the probe set's token moments."""
+    return sum(adaptation.stage_distance(*adaptation._stage_stats(m), src).item()
+               for m, src in zip(moments, adapter._stage_source))
+
+
+def test_stage_alignment_pulls_every_stage_to_the_training_statistics(tmp_path):
+    adapter, _ = shifted_adapter(tmp_path, align_weight=0.0, stage_weight=1.0)
+    assert len(adapter._stage_source) == 4
+    adapter.config.lr = 1e-4  # at 1e-3 the random-weight model's steps overshoot its low-variance channels
+    adapter._make_optimizer()
+    results = [adapter.run_round(wait=False) for _ in range(4)]
+    assert all(r.accepted for r in results)
+    stage = [(r.probe_loss_before - r.probe_mae_before, r.probe_loss_after - r.probe_mae_after) for r in results]
+    # dark clips against bright clips' statistics: the stage term starts far off and falls
+    assert stage[0][0] > 1.0 and stage[-1][1] < 0.5 * stage[0][0]
+    # it is the distance of the probe set's token statistics to the source's, summed over the stages
+    objective, mae, _, _, moments = adapter._probe_scores()
+    assert objective == pytest.approx(results[-1].probe_loss_after, rel=1e-6)
+    assert objective - mae == pytest.approx(stage_part(adapter, moments), rel=1e-5)
+    assert [m.shape for m in moments] == [(4, 2, c) for c in (32, 64, 128, 256)]
+
+
 def test_align_weight_zero_or_no_statistics_is_the_mae_loss_alone(tmp_path):
     adapter, _ = shifted_adapter(tmp_path / "zero", align_weight=0.0)
     r = adapter.run_round(wait=False)
@@ -571,10 +602,18 @@ def test_align_weight_zero_or_no_statistics_is_the_mae_loss_alone(tmp_path):
     r = adapter.run_round(wait=False)
     assert r.accepted and r.probe_loss_before == r.probe_mae_before
     assert "feature_stats" not in load_checkpoint(tmp_path / "none" / "versions" / "robot@1.pt").extra
+    # a model whose statistics predate the stage statistics adapts without the stage term
+    model = serving_model()
+    stats = adaptation.feature_stats(model, [(torch.randn(2, 3, 8, 64, 64), None)])
+    model.feature_stats = {k: v for k, v in stats.items() if k != "stages"}
+    adapter, _ = make_adapter(tmp_path / "old", model, stage_weight=1.0)
+    assert adapter._stage_source is None and adapter._source is not None
+    r = adapter.run_round(wait=False)
+    assert r.accepted and adapter._running_stages is None
 
 
 def test_running_statistics_live_across_rounds_and_a_rejected_round_leaves_them(tmp_path):
-    adapter, _ = shifted_adapter(tmp_path, align_weight=1.0)
+    adapter, _ = shifted_adapter(tmp_path, align_weight=1.0, stage_weight=1.0)
     assert adapter.run_round(wait=False).accepted
     # A marker far from any embedding statistic: a round that started over from the probe set would lose it; one
     # that carries the running statistics on keeps momentum**steps of it (0.9**4 * 1000 = 656).
@@ -582,15 +621,18 @@ def test_running_statistics_live_across_rounds_and_a_rejected_round_leaves_them(
     adapter._running = (mean + 1000.0, var)
     assert adapter.run_round(wait=False).accepted
     assert adapter._running[0].min().item() > 500.0
-    carried = tuple(t.clone() for t in adapter._running), adapter._running_class.clone()
+    carried = (tuple(t.clone() for t in adapter._running), adapter._running_class.clone(),
+               [tuple(t.clone() for t in s) for s in adapter._running_stages])
+    assert len(carried[2]) == 4
     adapter.config.max_loss_increase = -0.5  # every round is rejected: its batches must not count
     assert not adapter.run_round(wait=False).accepted
     torch.testing.assert_close(adapter._running, carried[0], rtol=0, atol=0)
     torch.testing.assert_close(adapter._running_class, carried[1], rtol=0, atol=0)
+    torch.testing.assert_close(adapter._running_stages, carried[2], rtol=0, atol=0)
     # a rollback leaves weights the statistics did not describe: the next round starts them from the probe set
     adapter.config.max_loss_increase = 100.0
     adapter.rollback(0)
-    assert adapter._running is None and adapter._running_class is None
+    assert adapter._running is None and adapter._running_class is None and adapter._running_stages is None
     assert adapter.run_round(wait=False).accepted
     assert adapter._running[0].abs().max().item() < 100.0
 
