@@ -227,8 +227,9 @@ def render_card(models: Path = MODELS) -> Path:
             ["clip timing", f"{T} frames every {stride:g} s (a clip spans {(T - 1) * stride:.2f} s), sampled on the "
                             "camera's timeline"],
             ["labels", ", ".join(f"`{n}`" for n in ck.labels)],
-            ["feature statistics", f"embedding mean and variance over {ck.extra['feature_stats']['clips']} training "
-                                   "clips, what on-robot adaptation aligns the camera's embeddings with"
+            ["feature statistics", f"embedding mean and variance, and each stage's per-channel token mean and "
+                                   f"variance, over {ck.extra['feature_stats']['clips']} training clips: what "
+                                   "on-robot adaptation aligns the camera's with"
              if "feature_stats" in ck.extra else "none"],
             ["model id", f"`{ck.model_id}`"],
         ]),
