@@ -507,8 +507,8 @@ class Adapter:
         """Gradient of one step's objective on `clips`, accumulated one clip at a time (the longest stretch
         inference may have to wait for is one clip's passes, not a batch's); returns the loss.
 
-        The MAE loss is each clip's own. The batch terms depend on the whole batch (its mean and variance),
-        so its embeddings are first computed without gradients, and clip j's backward pass runs the batch loss
+        The MAE loss is each clip's own. The alignment terms depend on the whole batch (its embeddings' and its
+        stages' statistics), so those are first computed without gradients, and clip j's backward pass runs the batch loss
         with only row j live: the sum over j of those gradients is the batch loss's gradient, exactly."""
         def slot() -> None:
             if wait and not self._wait_for_slot():
