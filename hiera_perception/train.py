@@ -126,7 +126,9 @@ class _Keyed(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays untouched
-            torch.manual_seed(_seed(self.seed, epoch, index))
+            # The CPU generator alone, which is what fork_rng restores and the item draws from:
+            # torch.manual_seed would also queue a seed for every lazy device backend, ~1 ms a call.
+            torch.default_generator.manual_seed(_seed(self.seed, epoch, index))
             return self.base[self.indices[index]]
 
 
@@ -281,7 +283,8 @@ def _dataset(args, cfg, stride: float, labelled: bool):
         return ds, list(range(len(ds))), []
     from hiera_perception.dataset import ClipDataset
 
-    ds = ClipDataset(args.data, T, stride, S, clips_per_video=args.clips_per_video, train=True)
+    ds = ClipDataset(args.data, T, stride, S, clips_per_video=args.clips_per_video, train=True,
+                     cache_frames=args.cache_frames)
     labels = ds.labels()
     indices = [i for i, y in enumerate(labels) if y >= 0] if labelled else list(range(len(ds)))
     if labelled and not indices:
@@ -533,6 +536,8 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
                     msg += f" mae loss {epoch_mae / epoch_n:.4f}"
                 if args.val and (step % batches.steps_per_epoch == 0 or step == total):
                     msg += f" val acc {_val_accuracy(enc, args.val, stride, labels, procs.device):.3f}"
+            if epoch == 0 and getattr(ds, "cached_bytes", 0):
+                msg += f", frame cache {ds.cached_bytes / 2**30:.2f} GiB"
             log.info("%s, %.1f clips/s", msg, seen / max(time.monotonic() - t0, 1e-9))
     bar.close()
     complete = step >= total
@@ -563,6 +568,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str | None = None) -
                       help=f"seconds between a clip's frames (default: --init's, else {DEFAULT_FRAME_STRIDE_S})")
     data.add_argument("--clips-per-video", type=int, default=1, help="random clips per video per epoch (default 1)")
     data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    data.add_argument("--cache-frames", action="store_true",
+                      help="keep every video's decoded, resized frames in memory after its first read (with "
+                           "--data, --workers 0): later epochs decode nothing; RAM: videos x frames x size^2 x 3 B")
     m = parser.add_argument_group("model")
     m.add_argument("--config", choices=list(CONFIGS), default=None,
                    help="start from random weights of this config" + ("" if pre else " (default hiera_tiny_8x64)"))
@@ -621,6 +629,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.cache_frames and (args.workers or getattr(args, "bag", None)):
+        # a worker's cache would die with it at the end of every epoch
+        raise ValueError("--cache-frames caches in the training process: it needs --data and --workers 0")
     if args.config and args.init:
         raise ValueError("give --config (fresh weights) or --init (a checkpoint), not both")
     for name in ("bag", "topic", "label_smoothing", "val", "only_classes"):

@@ -113,6 +113,34 @@ def test_clip_dataset_train_draws_random_starts(folder):
     assert len({bytes(c.numpy()) for c in first}) > 1  # but not always the same start
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_clip_dataset_cache_frames_gives_the_same_clips_and_decodes_each_video_once(folder, monkeypatch, train):
+    """Stride 0.13 s against frames every 0.1 s: samples fall between stamps, so the cached path must take the
+    same last-frame-at-or-before as load_clip does while streaming."""
+    import hiera_perception.dataset as dataset
+
+    kw = dict(num_frames=3, frame_stride_s=0.13, size=12, clips_per_video=2, train=train)
+    plain, cached = ClipDataset(folder, **kw), ClipDataset(folder, **kw, cache_frames=True)
+    keys = [(seed, i) for seed in range(3) for i in range(len(plain))]
+
+    def draw(ds):
+        out = []
+        for seed, i in keys:
+            torch.manual_seed(1000 * seed + i)
+            out.append(ds[i])
+        return out
+
+    expected = draw(plain)
+    reads = []
+    real = dataset.iter_frames
+    monkeypatch.setattr(dataset, "iter_frames", lambda path, *a: reads.append(path) or real(path, *a))
+    got = draw(cached)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(expected, got))
+    assert len({bytes(c.numpy()) for c, _ in got}) > len(plain) // 2  # not one clip over and over
+    assert sorted(reads) == sorted(it.path for it in plain.items)  # each video decoded once, 48 clips served
+    assert cached.cached_bytes == 8 * 10 * 12 * 12 * 3 and plain.cached_bytes == 0  # 8 videos x 10 frames
+
+
 def test_clip_dataset_classes_unlabeled_and_too_short(tmp_path, folder):
     unlabeled = tmp_path / "u"
     write_dataset(unlabeled, 2, seed=1, seconds=0.3, fps=10.0, size=(16, 16), unlabeled=True, progress=False)

@@ -173,6 +173,18 @@ def test_resume_continues_exactly(command, pretrained, data, tmp_path):
     assert again.complete and again.losses == []
 
 
+def test_cache_frames_trains_the_same_weights(pretrained, data, tmp_path):
+    """8 steps of 4 over 16 clips: the second epoch's clips come from the cache, and every loss and weight
+    equals those of the run that decodes each clip from its video."""
+    common = ["--data", str(data), "--init", str(pretrained[0]), "--steps", "8", "--batch", "4", "--seed", "3"]
+    plain = train(make_args("finetune", *common, "--out", str(tmp_path / "plain.pt")))
+    cached = train(make_args("finetune", *common, "--cache-frames", "--out", str(tmp_path / "cached.pt")))
+    assert cached.complete and cached.losses == plain.losses
+    a, b = load_checkpoint(tmp_path / "plain.pt"), load_checkpoint(tmp_path / "cached.pt")
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+    assert a.extra["feature_stats"] == b.extra["feature_stats"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,3 +225,8 @@ def test_bad_options_are_named(data, tmp_path):
         make_args("finetune", "--data", str(data), "--out", "x", "--mae-weight", "-1")
     with pytest.raises(ValueError, match="cannot go with --freeze-encoder"):
         make_args("finetune", "--data", str(data), "--out", "x", "--mae-weight", "1", "--freeze-encoder")
+    with pytest.raises(ValueError, match="--cache-frames .* --workers 0"):
+        make_args("finetune", "--data", str(data), "--out", "x", "--cache-frames", "--workers", "1")
+    with pytest.raises(ValueError, match="--cache-frames .* needs --data"):
+        make_args("pretrain", "--bag", "b", "--topic", "/t", "--out", "x", "--config", "hiera_tiny_8x64",
+                  "--cache-frames")

@@ -78,9 +78,12 @@ def stages(r: dict, work: Path) -> list[tuple[str, list[str]]]:
     """(name, hiera-perception arguments) of every stage, in order."""
     s, h, f, d, j, e = r["synth"], r["heldout"], r["finetune"], r["decoder"], r["joint"], r["eval"]
     synth = ["--size", s["size"], "--seconds", str(s["seconds"]), "--fps", str(s["fps"]), "--no-progress"]
+    # Every training stage keeps the decoded clips in memory (--cache-frames, 2.2 GB): decoding was a third
+    # of a step, and the cached frames are the same ones, so the weights are too.
+    cache = ["--cache-frames"]
     # every finetune stage (curriculum and final) trains with the same optimiser settings
     tune = ["--model-id", NAME, "--batch", str(f["batch"]), "--lr", str(f["lr"]), "--label-smoothing",
-            str(f["label_smoothing"]), "--seed", str(f["seed"]), "--no-progress"]
+            str(f["label_smoothing"]), "--seed", str(f["seed"]), "--no-progress", *cache]
     curriculum, init = [], ["--config", r["config"], "--frame-stride", str(r["frame_stride_s"])]  # random weights
     for i, c in enumerate(r["curriculum"]):
         out = f"{work}/curriculum{i}.pt"
@@ -96,11 +99,12 @@ def stages(r: dict, work: Path) -> list[tuple[str, list[str]]]:
                       str(f["epochs"]), *tune]),
         ("decoder", ["pretrain", "--data", f"{work}/train", "--init", f"{work}/finetuned.pt", "--freeze-encoder",
                      "--out", f"{work}/decoder.pt", "--epochs", str(d["epochs"]), "--batch", str(d["batch"]), "--lr",
-                     str(d["lr"]), "--mask-ratio", str(d["mask_ratio"]), "--seed", str(d["seed"]), "--no-progress"]),
+                     str(d["lr"]), "--mask-ratio", str(d["mask_ratio"]), "--seed", str(d["seed"]), "--no-progress",
+                     *cache]),
         ("joint", ["finetune", "--data", f"{work}/train", "--init", f"{work}/decoder.pt", "--out", f"{work}/{NAME}.pt",
                    "--epochs", str(j["epochs"]), "--batch", str(j["batch"]), "--lr", str(j["lr"]), "--label-smoothing",
                    str(f["label_smoothing"]), "--mae-weight", str(j["mae_weight"]), "--mask-ratio", str(j["mask_ratio"]),
-                   "--seed", str(j["seed"]), "--no-progress"]),
+                   "--seed", str(j["seed"]), "--no-progress", *cache]),
         ("eval", ["eval", "--model", f"{work}/{NAME}.pt", "--data", f"{work}/heldout", "--batch", str(e["batch"]),
                   "--device", e["device"], "--out", f"{work}/eval.json", "--plot", f"{work}/{NAME}_confusion.png",
                   "--no-progress"]),
