@@ -79,7 +79,7 @@ def stage_moments(model: Hiera, x: torch.Tensor) -> tuple[torch.Tensor, list[tor
     and second moments of its tokens, per channel: [B, 2, C_stage]."""
     tokens, inter = model.forward_tokens(x, return_intermediates=True)
     moments = [torch.stack([t.mean(1), t.pow(2).mean(1)], 1) for t in (i.flatten(1, -2).float() for i in inter)]
-    return model.norm(tokens.mean(dim=1)), moments
+    return model.pool(tokens), moments
 
 
 def stage_distance(mean: torch.Tensor, var: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

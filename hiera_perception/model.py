@@ -389,10 +389,13 @@ class Hiera(nn.Module):
                 stage += 1
         return x, intermediates
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, T, H, W] -> pooled embedding [B, C] (mean over tokens, then the final norm)."""
-        tokens, _ = self.forward_tokens(x)
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final tokens [B, N, C] -> embedding [B, C]: mean over tokens, then the final norm."""
         return self.norm(tokens.mean(dim=1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, H, W] -> pooled embedding [B, C]."""
+        return self.pool(self.forward_tokens(x)[0])
 
     def forward_head(self, embedding: torch.Tensor) -> torch.Tensor | None:
         """[B, C] -> raw logits [B, K], or None for a headless encoder."""
@@ -400,5 +403,5 @@ class Hiera(nn.Module):
 
     def forward(self, x: torch.Tensor, return_intermediates: bool = False) -> EncoderOutput:
         tokens, inter = self.forward_tokens(x, return_intermediates=return_intermediates)
-        emb = self.norm(tokens.mean(dim=1))
+        emb = self.pool(tokens)
         return EncoderOutput(emb, self.forward_head(emb), inter if return_intermediates else None)
