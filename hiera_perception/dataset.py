@@ -205,6 +205,18 @@ def video_last_stamp(path: str | Path) -> float:
     return last
 
 
+def _available_memory() -> int | None:
+    """Bytes the kernel says can be allocated now (MemAvailable), or None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Clips from a data folder: item i -> (uint8 [T, S, S, 3] crop_resize'd clip, label index or -1).
 
@@ -253,6 +265,17 @@ class ClipDataset(torch.utils.data.Dataset):
         """Bytes of decoded frames held by cache_frames (0 without it)."""
         return sum(f.nbytes for _, f in (self._frames or {}).values())
 
+    def _check_cache_size(self, first_video_bytes: int) -> None:
+        """Say, from the first video cached, what the whole cache will take, and warn when that is more than
+        the memory free now: a cache that outgrows RAM ends the run an epoch in, not at its start."""
+        need = first_video_bytes * len(self.items)
+        free = _available_memory()
+        log.info("frame cache: about %.2f GiB for %d videos (from the first), %s", need / 2**30, len(self.items),
+                 "free memory unknown" if free is None else f"{free / 2**30:.1f} GiB free")
+        if free is not None and need > 0.8 * free:
+            log.warning("frame cache needs about %.1f GiB, more than 80%% of the %.1f GiB free: drop "
+                        "cache_frames (--cache-frames) or train on fewer or shorter videos", need / 2**30, free / 2**30)
+
     def __len__(self) -> int:
         return len(self.items) * self.clips_per_video
 
@@ -288,6 +311,8 @@ class ClipDataset(torch.utils.data.Dataset):
                 decoded = [(stamp, crop_resize(frame, self.size)) for stamp, frame in iter_frames(item.path)]
                 self._frames[item.path] = (np.array([t for t, _ in decoded]),
                                            np.stack([f for _, f in decoded]) if decoded else np.empty(0, np.uint8))
+                if len(self._frames) == 1:
+                    self._check_cache_size(self._frames[item.path][1].nbytes)
             stamps, frames = self._frames[item.path]
             times = sample_times(self.num_frames, self.frame_stride_s, start)
             clip = frames[_take(item.path, stamps, times, self.frame_stride_s)]

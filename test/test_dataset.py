@@ -1,5 +1,7 @@
 """Data folders: labels.csv parsing and its errors, timeline sampling of clips, the torch ClipDataset."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,26 @@ def test_clip_dataset_cache_frames_gives_the_same_clips_and_decodes_each_video_o
     assert len({bytes(c.numpy()) for c, _ in got}) > len(plain) // 2  # not one clip over and over
     assert sorted(reads) == sorted(it.path for it in plain.items)  # each video decoded once, 48 clips served
     assert cached.cached_bytes == 8 * 10 * 12 * 12 * 3 and plain.cached_bytes == 0  # 8 videos x 10 frames
+
+
+def test_clip_dataset_cache_frames_warns_when_it_will_outgrow_free_memory(folder, monkeypatch, caplog):
+    import hiera_perception.dataset as dataset
+
+    need = 8 * 10 * 12 * 12 * 3  # 8 videos x 10 frames of 12 x 12 x 3, judged from the first video
+    logger = logging.getLogger(dataset.__name__)  # the launch_testing plugin turns propagation off
+    for free, warned in ((need, True), (2 * need, False)):
+        monkeypatch.setattr(dataset, "_available_memory", lambda: free)
+        caplog.clear()
+        logger.addHandler(caplog.handler)
+        try:
+            with caplog.at_level("INFO", logger=dataset.__name__):
+                ds = ClipDataset(folder, num_frames=3, frame_stride_s=0.1, size=12, cache_frames=True)
+                ds[0], ds[1]
+        finally:
+            logger.removeHandler(caplog.handler)
+        assert f"about {need / 2**30:.2f} GiB for 8 videos" in caplog.text  # said once, at the first video
+        assert caplog.text.count("frame cache") == 1 + warned
+        assert ("more than 80% of the" in caplog.text) == warned
 
 
 def test_clip_dataset_classes_unlabeled_and_too_short(tmp_path, folder):
