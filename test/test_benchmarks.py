@@ -7,6 +7,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +26,15 @@ def test_engine_benchmark_writes_latency_and_memory(tmp_path):
     assert mem["rss_max_sampled_mb"] <= mem["rss_peak_mb"] + 1  # the kernel's high-water mark bounds the samples
     assert isinstance(mem["rss_growth_mb_per_min"], float)
     assert len(res["table"]["rows"][0]) == len(res["table"]["columns"])
+
+
+def test_recovered_counts_only_a_loss_beyond_the_test_sets_noise():
+    from benchmarks.adaptation import MIN_LOSS, recovered
+
+    assert recovered(0.97, 0.66, 0.80) == pytest.approx(14 / 31)
+    assert recovered(0.97, 0.90, 0.86) == pytest.approx(-4 / 7)  # adaptation can also lose ground
+    assert recovered(0.97, 0.96, 0.975) is None  # 2 of 200 clips lost: no ratio, no place in the mean
+    assert recovered(0.97, 0.98, 0.97) is None and recovered(0.97, 0.97 - MIN_LOSS / 2, 0.97) is None
 
 
 def test_adaptation_benchmark_bookkeeping(always_wave, tmp_path):
