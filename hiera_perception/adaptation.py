@@ -441,13 +441,8 @@ class Adapter:
             self._probe_ref = torch.stack(refs)
         mae, e = float(np.mean(losses)), torch.stack(embs)
         moments = [torch.cat(m) for m in zip(*moments)]
-        objective = mae
-        if self._stage_source is not None:
-            objective += self.config.stage_weight * sum(
-                stage_distance(*_stage_stats(m), src).item() for m, src in zip(moments, self._stage_source))
-        if self._source is not None:
-            objective += self.config.align_weight * alignment_distance(e.mean(0), e.var(0), self._source).item()
-        return objective, mae, float(np.mean(cos)), e, moments
+        align = self._alignment((e.mean(0), e.var(0)), [_stage_stats(m) for m in moments])
+        return mae + align.item(), mae, float(np.mean(cos)), e, moments
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The shadow's embedding [B, C] of input x, and its per-stage token moments when stage alignment is on."""
@@ -471,37 +466,61 @@ class Adapter:
             for k in self._probe_classes[self._probe_classes >= 0].unique().tolist():
                 self._running_class[k] = e[self._probe_classes == k].mean(0)
 
-    def _batch_loss(self, emb: torch.Tensor, moments: list[torch.Tensor],
-                    classes: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """The alignment terms of a step's objective from its batch's embeddings [B, C], per-stage token moments
-        ([B, 2, C_stage] each) and pseudo-labels [B] (-1: none), each a running average this batch enters with
-        weight 1 - align_momentum against the source's: the embeddings' mean and variance, each pseudo-label's
-        mean against its class mean, each stage's per-channel mean and variance. Also the updated running state
-        (running, running_class, running_stages)."""
-        b = self.config.align_momentum
-        loss = emb.new_zeros(())
-        running, running_class = self._running, self._running_class
-        stages = self._running_stages
+    def _alignment(self, emb_stats: tuple[torch.Tensor, torch.Tensor], stage_stats: list | None,
+                   class_terms: Iterable[torch.Tensor] = ()) -> torch.Tensor:
+        """The alignment terms of the objective, from statistics of the camera's clips: stage_weight x each stage's
+        (mean, var) distance to the source's, and align_weight x (the embeddings' (mean, var) distance + the
+        class terms). The guard judges it on the probe set, each step trains on it with running statistics."""
+        loss = torch.zeros((), device=self.device)
         if self._stage_source is not None:
-            stages = []
-            for m, run, src in zip(moments, self._running_stages, self._stage_source):
-                mean, var = _stage_stats(m)
-                mean, var = b * run[0] + (1 - b) * mean, b * run[1] + (1 - b) * var
+            for (mean, var), src in zip(stage_stats, self._stage_source):
                 loss = loss + self.config.stage_weight * stage_distance(mean, var, src)
-                stages.append((mean.detach(), var.detach()))
         if self._source is not None:
-            mean = b * running[0] + (1 - b) * emb.mean(0)
-            var = b * running[1] + (1 - b) * emb.var(0)
-            align = alignment_distance(mean, var, self._source)
-            running = mean.detach(), var.detach()
-            if self._class_source is not None:
-                running_class = running_class.clone()
-                for k in classes[classes >= 0].unique().tolist():
-                    class_mean = b * self._running_class[k] + (1 - b) * emb[classes == k].mean(0)
-                    align = align + ((class_mean - self._class_source[0][k]) ** 2).sum()
-                    running_class[k] = class_mean.detach()
+            align = alignment_distance(*emb_stats, self._source)
+            for term in class_terms:
+                align = align + term
             loss = loss + self.config.align_weight * align
-        return loss, (running, running_class, stages)
+        return loss
+
+    def _mix(self, emb: torch.Tensor, moments: list[torch.Tensor], classes: torch.Tensor):
+        """The running statistics once a batch (embeddings [B, C], per-stage token moments [B, 2, C_stage],
+        pseudo-labels [B], -1: none) enters them with weight 1 - align_momentum: the embeddings' (mean, var)
+        and the stages' (each None when its term is off), and {class: mean} of the batch's pseudo-labels."""
+        b = self.config.align_momentum
+
+        def mix(run: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            return b * run + (1 - b) * new
+
+        running = stages = None
+        class_means = {}
+        if self._stage_source is not None:
+            stages = [(mix(run[0], mean), mix(run[1], var))
+                      for run, (mean, var) in zip(self._running_stages, map(_stage_stats, moments))]
+        if self._source is not None:
+            running = mix(self._running[0], emb.mean(0)), mix(self._running[1], emb.var(0))
+            if self._class_source is not None:
+                class_means = {k: mix(self._running_class[k], emb[classes == k].mean(0))
+                               for k in classes[classes >= 0].unique().tolist()}
+        return running, stages, class_means
+
+    def _batch_loss(self, emb: torch.Tensor, moments: list[torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        """A step's alignment loss: `_alignment` of the running statistics this batch gives (`_mix`), each
+        pseudo-label's running mean against its class mean among the class terms."""
+        running, stages, class_means = self._mix(emb, moments, classes)
+        return self._alignment(running, stages, (((m - self._class_source[0][k]) ** 2).sum()
+                                                 for k, m in class_means.items()))
+
+    def _update_running(self, emb: torch.Tensor, moments: list[torch.Tensor], classes: torch.Tensor) -> None:
+        """Enter a step's batch (computed without gradients) into the running statistics."""
+        running, stages, class_means = self._mix(emb, moments, classes)
+        if running is not None:
+            self._running = running
+        if stages is not None:
+            self._running_stages = stages
+        if class_means:
+            self._running_class = self._running_class.clone()  # a rejected round restores the old tensor
+            for k, m in class_means.items():
+                self._running_class[k] = m
 
     def _step(self, clips: list[np.ndarray], wait: bool) -> float:
         """Gradient of one step's objective on `clips`, accumulated one clip at a time (the longest stretch
@@ -546,14 +565,14 @@ class Adapter:
                 emb[j] = e[0]
                 for t, live in zip(moments, m):
                     t[j] = live[0]
-                a = self._batch_loss(emb, moments, classes)[0]
+                a = self._batch_loss(emb, moments, classes)
                 if not torch.isfinite(a):
                     raise FloatingPointError(f"non-finite alignment loss {a.item()}")
                 batch_loss, loss = a.item(), loss + a  # the same value for every j: the batch's
             loss.backward()
             self._spent_s += time.monotonic() - s0
         if batch:
-            self._running, self._running_class, self._running_stages = self._batch_loss(fixed, fixed_m, classes)[1]
+            self._update_running(fixed, fixed_m, classes)
         return mae_loss + batch_loss
 
     def _finite(self) -> bool:
