@@ -56,7 +56,7 @@ step $ENGINE --seconds $SECONDS_ENGINE --no-cuda-graph
 step $ENGINE --seconds $SECONDS_ENGINE --name "engine_${DEVICE%%:*}_bf16_graph"
 step $ENGINE --seconds $SECONDS_ENGINE --no-realtime --name "engine_${DEVICE%%:*}_bf16_graph_saturated"
 step $ENGINE --seconds $((SECONDS_ENGINE * 3)) --compile --name "engine_${DEVICE%%:*}_bf16_graph_compile"
-# the frame that completes a clip shrunk on the GPU instead of the host (on the H100 the host's resize was 2.8-4.0 ms;
+# the frame that completes a clip shrunk on the GPU instead of the host (on the H100 its push took 2.8-4.0 ms, two resizes;
 # these two runs took the place of a compiled saturated one, to stay within 8 minutes)
 step $ENGINE --seconds $SECONDS_ENGINE --device-resize --name "engine_${DEVICE%%:*}_bf16_graph_device_resize"
 step $ENGINE --seconds $((SECONDS_ENGINE * 3)) --compile --device-resize \

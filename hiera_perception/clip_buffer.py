@@ -29,8 +29,11 @@ Memory: frames are stored once and clips hold references, so overlapping clips s
 objects. A stored frame is dropped as soon as no future sample time can pick it (its successor's
 stamp is at or before the next sample time that would), which bounds the store by the number of
 distinct sample times in one clip window plus one, whatever the camera's frame rate. The newest
-frame is kept as given until the next frame shows it is needed; only then is it shrunk once with
-`preprocess.crop_resize(frame, frame_size)`, so frames that no sample picks are never resized.
+frame is shrunk once with `preprocess.crop_resize(frame, frame_size)` when it arrives, if a future sample would
+pick it were the next frame to come one frame interval later; a push that completes a clip shrinks only the
+frames that clip picks; any other frame waits until the next frame shows it is needed. So a steady camera's
+frames are resized between frames, never on the push that completes a clip (unless the clip picks that very
+frame), and only frames some sample picks are resized; an irregular one costs a wasted resize per wrong guess.
 With `shrink_newest=False` a clip takes the frame that completes it as given (the engine then resizes it on
 the device, off the host's latency path, `Engine(device_resize=True)`); it is stored shrunk at the next push.
 `push` takes ownership of `frame`: the caller must not modify it afterwards. The buffer never
@@ -212,6 +215,8 @@ class ClipBuffer:
             elif stamp - last.stamp > self.max_gap_s:
                 self.reset(f"gap of {stamp - last.stamp:.3f} s > max_gap_s {self.max_gap_s:.3f}")
 
+        # since the previous frame, unless this one anchors a new timeline
+        interval = stamp - self._entries[-1].stamp if self._entries else None
         if self._anchor is None:
             self._anchor = stamp
             self._next_clip = 0
@@ -231,6 +236,10 @@ class ClipBuffer:
             # The future sample times moved on: frames only the returned clips used can go.
             while len(self._entries) >= 2 and not self._needed(self._entries[0].stamp, self._entries[1].stamp):
                 self._entries.popleft()
+        elif interval is None or self._needed(stamp, stamp + interval):
+            # Likely picked (the next frame is expected one interval on; an anchor always is): shrink it now,
+            # between frames, not on the push that completes the clip. A wrong guess costs one resize.
+            self._shrink(self._entries[-1])
         return clips
 
     # ----------------------------------------------------------------- private
