@@ -308,9 +308,11 @@ class _Scene:
                        float(r.choice((-1.0, 1.0))))
         # a 3x to 4x sweep in 2.4 to 3 s: room for a 2 s clip between two fades
         self.loom_period = r.uniform(2.4, 3.0)
-        jitter_px = r.uniform(0.5, 2.0) * side / 128
-        idle_px = r.uniform(2.0, 4.5) * side / 128
-        self.jitter_px = idle_px if action == "idle" else jitter_px
+        # Jitter in pixels of a 128 px frame (idle more); positions scale with the frame, angle and scale do not:
+        # the actor moves alike at every resolution.
+        jitter, idle_jitter = r.uniform(0.5, 2.0), r.uniform(2.0, 4.5)
+        self.jitter_level = idle_jitter if action == "idle" else jitter
+        self.jitter_px = self.jitter_level * side / 128
         self.jitter = (r.uniform(0.3, 2.5, (4, 3)), r.uniform(0, 2 * np.pi, (4, 3)))  # x, y, angle, scale
         self.shake = (r.uniform(0, self.margin), r.uniform(2, 8, (2, 2)), r.uniform(0, 2 * np.pi, (2, 2)))
         self.t0 = r.uniform(0, 20)  # start offset into the motion
@@ -379,8 +381,8 @@ class _Scene:
         j = (np.sin(2 * np.pi * f[..., None] * t + ph[..., None]).sum(1) / 3)  # [4, n] in [-1, 1]
         x = self.cx + self.jitter_px * j[0]
         y = self.cy + self.jitter_px * j[1]
-        ang = self.angle0 + 3.0 * j[2] * self.jitter_px
-        ls = self.static_log_scale + 0.015 * j[3] * self.jitter_px + np.zeros_like(t)
+        ang = self.angle0 + 3.0 * j[2] * self.jitter_level
+        ls = self.static_log_scale + 0.015 * j[3] * self.jitter_level + np.zeros_like(t)
         opacity = np.ones_like(t)
         a = self.action
         if a == "wave":

@@ -124,6 +124,19 @@ def test_trajectories_carry_the_class():
         assert np.ptp(x) < 5 and np.ptp(y) < 5 and np.ptp(ls) < 0.1  # jitters (64 px frame), goes nowhere
 
 
+@pytest.mark.parametrize("action", ACTIONS)
+def test_the_motion_is_the_same_at_every_resolution(action):
+    # A 480 px camera must not see an idle actor sway 4x further in angle and scale than the 128 px training data
+    # (the jitter's angle and scale terms once grew with the frame's side): positions scale, angles do not.
+    t = np.linspace(0, 2, 61)
+    small, big = (_Scene(action, rng(4, 1), size).pose(t) for size in ((128, 128), (480, 640)))
+    side_s, side_b, off_b = 128, 480, np.array([80, 0])
+    for a, b, off in ((small[0], big[0], off_b[0]), (small[1], big[1], off_b[1])):  # x, y: relative to the square
+        np.testing.assert_allclose(a / side_s, (b - off) / side_b, atol=1e-9)
+    for a, b in zip(small[2:], big[2:]):  # log scale, angle, opacity
+        np.testing.assert_allclose(a, b, atol=1e-9)
+
+
 @pytest.mark.parametrize("duration", [0.7, 2.0])
 def test_a_clip_shows_one_direction_only(duration):
     # A scene of known duration fits inside one pass: no wrap, no restart, no fade, whatever the seed.

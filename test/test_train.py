@@ -70,8 +70,9 @@ def test_finetune_lowers_the_loss_and_serves_its_labels(pretrained, data, tmp_pa
                      "--steps", "16", "--batch", "4", "--lr", "2e-3", "--label-smoothing", "0", "--model-id", "toy")
     result = train(args)
     assert result.complete and len(result.losses) == 16
-    # a fresh head starts near uniform (the small configs' head has the full init scale: logits of std ~0.3)
-    assert result.losses[0] == pytest.approx(np.log(8), abs=0.2)
+    # a fresh head starts near uniform (the small configs' head has the full init scale: logits of std ~0.3);
+    # one batch of 4 clips: 2.07-2.31 over data seeds 3-7 (log 8 = 2.08)
+    assert result.losses[0] == pytest.approx(np.log(8), abs=0.3)
     assert avg(result.losses[-4:]) < 0.9 * avg(result.losses[:4])
     model = load_model(out, device="cpu")
     assert model.labels == sorted(ACTIONS)  # ClipDataset's class order, saved in index order
