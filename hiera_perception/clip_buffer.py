@@ -7,10 +7,16 @@ After a reset the first frame's stamp is the anchor `a`, and clip k's sample tim
 
 For each sample time the clip takes the newest frame whose stamp is at or before it ("sample and
 hold"), so a camera that runs slowly, unevenly or drops frames changes *which* frames are picked,
-never *when* the samples are: the timeline is fixed by the anchor alone. Clip k is complete (and
-`push` returns it) as soon as a frame with stamp >= t[k, last] arrives; a frame that lands after
-several clips' end times completes all of them at once, each made from the frames at or before its
-sample times (a gap up to `max_gap_s` is bridged by holding the last frame, not skipped).
+never *when* the samples are: the timeline is fixed by the anchor alone.
+
+Clip k is complete (and `push` returns it) as soon as a frame with stamp >= t[k, last] arrives, or already at
+the frame its last sample takes, when the next frame is not due before t[k, last]: when this frame's stamp plus
+EARLY_FRACTION of the frame period (the shorter of the last two intervals between frames) lies past it. Waiting
+for the next frame to prove it would add up to a frame period to such a clip's latency: 33 ms at 30 fps, and at
+the node's stride of 0.15 s and hop of 0.5 s every clip's last sample falls halfway between two frames. A frame
+that comes sooner after all (the camera sped up) is one the waiting rule would have taken; `early_misses`
+counts them. A frame that lands after several clips' end times completes all of them at once, each made from
+the frames at or before its sample times (a gap up to `max_gap_s` is bridged by holding the last frame, not skipped).
 
 Resets: a stamp more than `max_gap_s` after the previous one, or any stamp earlier than the
 previous one (a bag looping, a simulator restarting), drops every stored frame and re-anchors on
@@ -28,12 +34,12 @@ floating-point rounding falls.
 Memory: frames are stored once and clips hold references, so overlapping clips share frame
 objects. A stored frame is dropped as soon as no future sample time can pick it (its successor's
 stamp is at or before the next sample time that would), which bounds the store by the number of
-distinct sample times in one clip window plus one, whatever the camera's frame rate. The newest
-frame is shrunk once with `preprocess.crop_resize(frame, frame_size)` when it arrives, if a future sample would
-pick it were the next frame to come one frame interval later; a push that completes a clip shrinks only the
-frames that clip picks; any other frame waits until the next frame shows it is needed. So a steady camera's
-frames are resized between frames, never on the push that completes a clip (unless the clip picks that very
-frame), and only frames some sample picks are resized; an irregular one costs a wasted resize per wrong guess.
+distinct sample times in one clip window plus one, whatever the camera's frame rate. A new frame is shrunk
+once (`preprocess.crop_resize(frame, frame_size)`) as it arrives if a future sample would pick it were the next
+frame to come a frame period later; else it waits until the next frame shows whether it is needed. A push that
+completes a clip shrinks only the frames that clip takes. So a steady camera's frames are resized between
+frames, at most the newest one on the push that completes a clip, and only frames some sample picks; an
+irregular camera costs a wasted resize per wrong guess.
 With `shrink_newest=False` a clip takes the frame that completes it as given (the engine then resizes it on
 the device, off the host's latency path, `Engine(device_resize=True)`); it is stored shrunk at the next push.
 `push` takes ownership of `frame`: the caller must not modify it afterwards. The buffer never
@@ -54,11 +60,15 @@ import numpy as np
 
 from .preprocess import crop_resize
 
-__all__ = ["Clip", "ClipBuffer", "STAMP_TOLERANCE_S"]
+__all__ = ["Clip", "ClipBuffer", "STAMP_TOLERANCE_S", "EARLY_FRACTION"]
 
 log = logging.getLogger(__name__)
 
 STAMP_TOLERANCE_S = 1e-6
+# A clip completes early only when its last sample lies in the first 3/4 of the interval the next frame is expected
+# after: a frame up to a quarter interval early (8 ms at 30 fps) is still not missed. A last sample on a frame's
+# own time is left to that frame, which completes the clip as it arrives.
+EARLY_FRACTION = 0.75
 
 
 @dataclass(frozen=True)
@@ -145,10 +155,13 @@ class ClipBuffer:
         self.resets = 0  # gaps and backward stamps
         self.clips_out = 0  # clips returned
         self.frames_unused = 0  # frames dropped without any clip having picked them
+        self.early_misses = 0  # frames at or before the end of a clip returned early (the camera sped up)
 
         self._entries: deque[_Entry] = deque()  # stamps strictly increasing
         self._anchor: float | None = None
         self._next_clip = 0  # k of the next clip to complete
+        self._early_end: float | None = None  # last sample time of the newest clip returned early
+        self._interval: float | None = None  # between the last two frames of this timeline
 
     # ------------------------------------------------------------------ public
 
@@ -169,6 +182,7 @@ class ClipBuffer:
             "resets": self.resets,
             "clips_out": self.clips_out,
             "frames_unused": self.frames_unused,
+            "early_misses": self.early_misses,
             "stored": self.stored,
         }
 
@@ -180,6 +194,7 @@ class ClipBuffer:
         self._entries.clear()
         self._anchor = None
         self._next_clip = 0
+        self._early_end = self._interval = None
 
     def push(self, stamp_s: float, frame: np.ndarray, tag: Any = None) -> list[Clip]:
         """Add a frame [H, W, 3] uint8 stamped `stamp_s` (seconds); return the clips it completes.
@@ -215,8 +230,13 @@ class ClipBuffer:
             elif stamp - last.stamp > self.max_gap_s:
                 self.reset(f"gap of {stamp - last.stamp:.3f} s > max_gap_s {self.max_gap_s:.3f}")
 
-        # since the previous frame, unless this one anchors a new timeline
-        interval = stamp - self._entries[-1].stamp if self._entries else None
+        # When the next frame is due, from the intervals since the two frames before (the shorter: after a stall the
+        # camera resumes its rhythm); unknown for a frame that anchors a new timeline.
+        interval = period = None
+        if self._entries:
+            interval = stamp - self._entries[-1].stamp
+            period = interval if self._interval is None else min(interval, self._interval)
+        self._interval = interval
         if self._anchor is None:
             self._anchor = stamp
             self._next_clip = 0
@@ -226,9 +246,16 @@ class ClipBuffer:
             dropped = self._entries.pop()
             self.frames_unused += not dropped.used
         self._entries.append(_Entry(stamp, frame, tag))
+        if self._early_end is not None and stamp <= self._early_end + STAMP_TOLERANCE_S:
+            self.early_misses += 1
 
         clips = []
-        while stamp >= self._sample_time(self._next_clip, self.num_frames - 1) - STAMP_TOLERANCE_S:
+        while True:
+            end = self._sample_time(self._next_clip, self.num_frames - 1)
+            if stamp < end - STAMP_TOLERANCE_S:
+                if period is None or stamp + EARLY_FRACTION * period <= end + STAMP_TOLERANCE_S:
+                    break
+                self._early_end = end  # the next frame is not due until after the last sample: done now
             clips.append(self._make_clip(self._next_clip))
             self._next_clip += 1
         if clips:
@@ -236,7 +263,7 @@ class ClipBuffer:
             # The future sample times moved on: frames only the returned clips used can go.
             while len(self._entries) >= 2 and not self._needed(self._entries[0].stamp, self._entries[1].stamp):
                 self._entries.popleft()
-        elif interval is None or self._needed(stamp, stamp + interval):
+        elif period is None or self._needed(stamp, stamp + period):
             # Likely picked (the next frame is expected one interval on; an anchor always is): shrink it now,
             # between frames, not on the push that completes the clip. A wrong guess costs one resize.
             self._shrink(self._entries[-1])

@@ -15,9 +15,9 @@ the H100 in benchmarks/results/ alike), so graphs are on by default and compile 
 so) to the device as their centre squares and shrinks them there (`preprocess.AreaResize`, the same pixels as
 the host's INTER_AREA). On the H100 machine the push that completed a clip (`push`: then two host resizes of a
 640x480 frame, the newest and the one before it) took 2.8-4.0 ms of a clip's 7.3-8.5 ms (p50,
-benchmarks/results/engine_cuda_bf16*.json); the clip buffer now shrinks a steady camera's frames as they arrive, so
-that push resizes at most the newest frame, and only when its clip takes it (half the clips at 30 fps and
-hop 0.25 s). Off by default until a GPU benchmark shows it pays (benchmarks/gpu.sh runs it).
+benchmarks/results/engine_cuda_bf16*.json); the clip buffer now shrinks a steady camera's frames as they arrive and
+completes a clip with its last frame, so that push resizes one frame, the one this option moves. Off by default
+until a GPU benchmark shows it pays (benchmarks/gpu.sh runs it).
 """
 
 from __future__ import annotations

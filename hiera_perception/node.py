@@ -548,6 +548,7 @@ class PerceptionNode(Node):
             **{f"bad_frames.{reason}": n for reason, n in sorted(bad.items())},
             "buffer_resets": buffer["resets"],
             "duplicate_stamps": buffer["duplicates"],
+            "early_clip_misses": buffer["early_misses"],  # frames a clip returned early would have taken
             "model": self.config.model or "(embedded default)",
             "encoder_version": self._engine.encoder_version,
             "device": str(self._engine.device),

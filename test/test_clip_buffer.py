@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import hiera_perception.clip_buffer as cb
-from hiera_perception.clip_buffer import STAMP_TOLERANCE_S, Clip, ClipBuffer
+from hiera_perception.clip_buffer import EARLY_FRACTION, STAMP_TOLERANCE_S, Clip, ClipBuffer
 
 S = 4  # frames pushed at the clip size are stored as given, so identity checks see our objects
 
@@ -59,8 +59,11 @@ def test_uneven_stamps_hand_computed():
     buf = ClipBuffer(num_frames=3, frame_stride_s=0.1, hop_s=0.2, max_gap_s=1.0, frame_size=S)
     stamps = [0.0, 0.07, 0.13, 0.21, 0.24, 0.33, 0.38, 0.45, 0.52, 0.61]
     out = [buf.push(t, frame(n), tag=n) for n, t in enumerate(stamps)]
-    assert [len(o) for o in out] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 1]
-    c0, c1, c2 = out[3][0], out[7][0], out[9][0]
+    # clip 1 completes at 0.38, early: the frame period is 0.05 s, so the next frame is not due before its last
+    # sample (0.38 + 0.75 x 0.05 > 0.4); at 0.33 it was (0.33 + 0.75 x 0.09 < 0.4)
+    assert [len(o) for o in out] == [0, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    assert buf.early_misses == 0
+    c0, c1, c2 = out[3][0], out[6][0], out[9][0]
     assert c0.stamps == [0.0, 0.07, 0.13]
     assert c1.stamps == [0.13, 0.24, 0.38]
     assert c2.stamps == [0.38, 0.45, 0.52]
@@ -122,12 +125,16 @@ def test_gap_under_max_spanning_several_hops_emits_each_clip():
     buf = ClipBuffer(num_frames=2, frame_stride_s=0.1, hop_s=0.1, max_gap_s=1.0, frame_size=S)
     assert len(buf.push(0.0, frame(0))) == 0
     assert len(buf.push(0.1, frame(1))) == 1
-    late = buf.push(0.55, frame(2))  # completes clips ending at 0.2, 0.3, 0.4, 0.5
-    assert [c.index for c in late] == [1, 2, 3, 4]
-    assert [c.stamps for c in late] == [[0.1, 0.1]] * 4  # held last frame, nothing skipped
-    nxt = buf.push(0.6, frame(3))
-    # samples 0.5, 0.6: 0.55 is after 0.5 and 0.6 has its own frame, so 0.55 is never picked
-    assert len(nxt) == 1 and nxt[0].stamps == [0.1, 0.6] and buf.resets == 0
+    # completes the clips ending at 0.2, 0.3, 0.4, 0.5, and the one ending at 0.6 early: the frame period is taken
+    # as 0.1 s (the shorter of the last two intervals: a stall is no rhythm), so the next frame is due at 0.65
+    late = buf.push(0.55, frame(2))
+    assert [c.index for c in late] == [1, 2, 3, 4, 5]
+    assert [c.stamps for c in late] == [[0.1, 0.1]] * 4 + [[0.1, 0.55]]  # held last frame, nothing skipped
+    assert buf.early_misses == 0
+    # the camera sped up: 0.6 is the frame the waiting rule would have given clip 5's last sample; it is counted
+    assert buf.push(0.6, frame(3)) == [] and buf.early_misses == 1
+    nxt = buf.push(0.7, frame(4))  # clip 6 (samples 0.6, 0.7): from 0.6 the next frame was due at 0.65
+    assert [c.stamps for c in nxt] == [[0.6, 0.7]] and buf.early_misses == 1 and buf.resets == 0
 
 
 def test_overlapping_clips_share_frame_objects():
@@ -173,14 +180,20 @@ def test_single_frame_clips_and_hop_longer_than_clip():
 def _reference(pushes, T, stride, hop, max_gap):
     """Every (push index, clip) the semantics call for, from the whole history, by brute force."""
     tol = STAMP_TOLERANCE_S
-    expected, epoch_start, anchor, k, prev = [], 0, None, 0, None
+    expected, epoch_start, anchor, k, prev, intervals = [], 0, None, 0, None, []
     for n, t in enumerate(pushes):
+        if t == prev:
+            continue  # a duplicate only replaces the frame
         if prev is not None and (t < prev or t - prev > max_gap):
             epoch_start, anchor = n, None
         if anchor is None:
-            anchor, k = t, 0
+            anchor, k, intervals = t, 0, []
+        else:
+            intervals.append(t - prev)
         prev = t
-        while t >= anchor + k * hop + (T - 1) * stride - tol:
+        period = min(intervals[-2:]) if intervals else None  # the next frame is due a period on
+        while (t >= anchor + k * hop + (T - 1) * stride - tol
+               or period is not None and t + EARLY_FRACTION * period > anchor + k * hop + (T - 1) * stride + tol):
             picked = []
             for i in range(T):
                 s = anchor + k * hop + i * stride
@@ -280,6 +293,26 @@ def test_steady_camera_is_resized_between_frames(monkeypatch, fps, T, stride, ho
     assert len(resized) == len(set(resized)) >= len(picked) - (0 if shrink_newest else buf.clips_out)
 
 
+@pytest.mark.parametrize("fps, T, stride, hop", [(30, 8, 0.15, 0.5), (30, 16, 4 / 30, 0.25), (25, 4, 0.1, 0.3),
+                                                  (60, 8, 2 / 30, 0.5), (15, 8, 0.15, 0.5)])
+def test_steady_camera_clips_go_out_with_their_last_frame(fps, T, stride, hop):
+    # A steady camera: every clip is returned by the push of the frame its last sample takes, or, when that sample
+    # falls in the last quarter of a frame period, by the next one (within a quarter period of the sample); and it
+    # holds exactly what sample-and-hold over the whole stream gives (no early completion is ever wrong).
+    buf = ClipBuffer(T, stride, hop, max_gap_s=0.5, frame_size=S)
+    stamps = [100.0 + n / fps for n in range(8 * fps)]
+    on_time = 0
+    for n, t in enumerate(stamps):
+        for c in buf.push(t, frame(n), tag=n):
+            on_time += c.tags[-1] == n
+            assert c.tags[-1] == n or (c.tags[-1] == n - 1 and t - c.end <= (1 - EARLY_FRACTION) / fps + 1e-9)
+            for i, picked in enumerate(c.tags):
+                sample = c.start + i * stride
+                assert picked == max(m for m, s in enumerate(stamps) if s <= sample + STAMP_TOLERANCE_S)
+    assert buf.clips_out == math.floor((stamps[-1] - stamps[0] - (T - 1) * stride) / hop + 1e-9) + 1
+    assert buf.early_misses == 0 and on_time >= buf.clips_out / 2
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="num_frames"):
         ClipBuffer(0, 0.1, 0.1, 0.5, 4)
@@ -303,7 +336,8 @@ def test_counters_and_explicit_reset():
     buf = ClipBuffer(2, 0.1, 0.1, 0.5, S)
     feed(buf, [0.0, 0.1, 0.2])
     assert buf.counters() == {
-        "frames_in": 3, "duplicates": 0, "resets": 0, "clips_out": 2, "frames_unused": 0, "stored": 1,
+        "frames_in": 3, "duplicates": 0, "resets": 0, "clips_out": 2, "frames_unused": 0, "early_misses": 0,
+        "stored": 1,
     }
     buf.reset("sim time reset")
     assert buf.resets == 1 and buf.stored == 0

@@ -163,6 +163,7 @@ def test_fuzzed_node_survives_counts_bad_frames_and_still_serves(checkpoint, tmp
         assert diag["bad_frames"] == str(N_BAD)
         assert {k[len("bad_frames."):]: int(v) for k, v in diag.items() if k.startswith("bad_frames.")} == reasons
         assert int(diag["buffer_resets"]) > 0 and int(diag["duplicate_stamps"]) > 0
+        assert int(diag["early_clip_misses"]) >= 0  # reported
         assert any(level == 1 for level, _, _ in harness.diagnostics), "no WARN while bad frames arrived"
     finally:
         harness.close()
