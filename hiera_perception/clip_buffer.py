@@ -264,8 +264,8 @@ class ClipBuffer:
             while len(self._entries) >= 2 and not self._needed(self._entries[0].stamp, self._entries[1].stamp):
                 self._entries.popleft()
         elif period is None or self._needed(stamp, stamp + period):
-            # Likely picked (the next frame is expected one interval on; an anchor always is): shrink it now,
-            # between frames, not on the push that completes the clip. A wrong guess costs one resize.
+            # Likely picked (the next frame is expected a period on; an anchor always is): shrink it now, between
+            # frames, not on the push that completes the clip. A wrong guess costs one resize.
             self._shrink(self._entries[-1])
         return clips
 
