@@ -163,6 +163,8 @@ def adapt_offline(
     clips_per_round = config.batch_size if clips_per_round is None else clips_per_round
     if clips_per_round < 0:
         raise ValueError(f"clips_per_round must be >= 0, got {clips_per_round}")
+    if config.threads:  # offline, the adapter is the only work: the whole process runs on that many threads
+        torch.set_num_threads(config.threads)
     if not isinstance(model, Hiera):
         model = load_model(model, device=device)
     model.eval()

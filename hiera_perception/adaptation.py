@@ -47,8 +47,10 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -60,18 +62,38 @@ import torch
 import torch.nn.functional as F
 
 from hiera_perception.atomic import atomic_write_text
-from hiera_perception.checkpoint import save_checkpoint
+from hiera_perception.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 from hiera_perception.preprocess import preprocess_clip
 
 __all__ = ["AdaptationConfig", "ReplayBuffer", "Adapter", "RoundResult", "TRAINABLE", "STATS_CLIPS", "CONFIDENT",
-           "feature_stats", "alignment_distance"]
+           "feature_stats", "alignment_distance", "lineage", "mismatch"]
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("all", "norms", "late")
 STATS_CLIPS = 512  # training clips behind a model's feature_stats
 CONFIDENT = 0.5  # a clip's pseudo-label (the head's top class) counts for its class at this probability or more
+SHARE_WINDOW_S = 2.0  # max_device_share holds over any stretch this long: idle time saves no credit beyond it
+MAX_PARENTS = 64  # ancestors a version file lists (rollback walks them; older ones are long pruned)
+
+
+def lineage(base: Hiera) -> str:
+    """The weights every adapted version starts from (sha256 over them): versions of another base, e.g. of a
+    rebuilt model file with the same model id, are never resumed or rolled back to."""
+    return weights_sha256(base.state_dict())
+
+
+def mismatch(extra: dict, config, base: Hiera, base_sha: str | None = None) -> str | None:
+    """Why a version file (its `extra` and network config) cannot serve for `base`, or None when it can. Files
+    written before lineages were recorded carry none: their network must fit."""
+    if config != base.config:
+        fields = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(base.config, f.name)]
+        return f"its network differs from the served {base.config.name} in {', '.join(fields)}"
+    recorded = extra.get("base_weights_sha256")
+    if recorded is not None and recorded != (base_sha or lineage(base)):
+        return "it was adapted from other weights (the model file was rebuilt or replaced since)"
+    return None
 
 
 def stage_moments(model: Hiera, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -190,6 +212,9 @@ class AdaptationConfig:
                              "set is the first probe_clips clips of the replay when the first round starts")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        for name in ("lr", "grad_clip"):  # at 0 the weights never move, yet every round would pass the guard
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("steps_per_round", "batch_size", "min_clips", "probe_clips", "keep_versions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -305,7 +330,13 @@ class Adapter:
             missing, unexpected = self.mae.load_state_dict(decoder, strict=False)
             if unexpected or any(not k.startswith("encoder.") for k in missing):
                 raise ValueError(f"decoder weights do not fit {model.config.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        units, kept = model.config.num_mask_units, model.units_kept(cfg.mask_ratio)
+        if not 0 < kept < units:
+            raise ValueError(f"mask_ratio {cfg.mask_ratio} keeps {kept} of {model.config.name}'s {units} mask units: "
+                             "MAE needs at least one visible and one masked unit")
+        self.lineage = lineage(self.base)
         self.replay = ReplayBuffer(cfg.replay_mb)
+        self._warned_small_replay = False
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_accept = on_accept
         self.busy = busy
@@ -343,7 +374,7 @@ class Adapter:
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # one round / rollback at a time
         self._rng = np.random.default_rng(cfg.seed)
-        self._probe: torch.Tensor | None = None
+        self._probe: list[np.ndarray] | None = None  # uint8 clips: preprocessed when scored, 4x smaller than float
         self._probe_keep: torch.Tensor | None = None
         self._probe_ref: torch.Tensor | None = None  # the original model's probe embeddings
         # the deployed version's _probe_scores: a round's "before" (None: score it at the next round)
@@ -351,19 +382,32 @@ class Adapter:
         self._deployed = self._mae_state()
         self._spent_s = 0.0
         self._started = time.monotonic()
+        self._credit_s, self._credit_at, self._credit_spent = 0.0, self._started, 0.0  # device-share budget
         self.rounds = self.accepted = self.rejected = 0
         self.last: RoundResult | None = None
         self.kept: list[int] = []  # versions with a checkpoint on disk, oldest first
+        # the versions the served one was adapted from, oldest first (None: unknown, a file from before they were
+        # recorded); what a rollback walks back through
+        self._parents: list[int] | None = [] if reference is None else None
+        self.base_version = int(getattr(reference or model, "version", 0))  # what a rollback to the base serves as
         if self.out_dir is not None and self.out_dir.is_dir():
-            prefix = f"{self.model_id}@"
-            self.kept = sorted(int(p.stem[len(prefix):]) for p in self.out_dir.glob(f"{prefix}*.pt")
-                               if p.stem[len(prefix):].isdigit())
+            number = re.compile(re.escape(self.model_id) + r"@([0-9]+)")
+            self.kept = sorted(int(m.group(1)) for p in self.out_dir.glob(f"{self.model_id}@*.pt")
+                               if (m := number.fullmatch(p.stem)))
+            for tmp in self.out_dir.glob(".*.tmp"):  # an atomic write a crash interrupted
+                log.info("removing %s, left by an interrupted write", tmp)
+                tmp.unlink(missing_ok=True)
+            rec = self._latest_record(self.out_dir)
+            if rec and rec.get("version") == version and rec.get("base_weights_sha256") == self.lineage:
+                self._parents = rec.get("parents")
         self._make_optimizer()
 
     # ---- helpers ----
     def checkpoint_extra(self) -> dict:
-        """What every version file carries from the model it adapts: clip timing and feature statistics."""
-        return {"sampling": self.sampling, **({"feature_stats": self.feature_stats} if self.feature_stats else {})}
+        """What every version file carries from the model it adapts: clip timing, feature statistics, and the
+        lineage of the base weights."""
+        return {"sampling": self.sampling, **({"feature_stats": self.feature_stats} if self.feature_stats else {}),
+                "base_weights_sha256": self.lineage}
 
     def _mae_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.mae.state_dict().items()}
@@ -405,6 +449,11 @@ class Adapter:
     def add_clip(self, frames) -> None:
         """A served clip (frames [S, S, 3] uint8 or an array [T, S, S, 3]) joins the replay buffer."""
         self.replay.add(np.stack(frames) if isinstance(frames, (list, tuple)) else frames)
+        if self.replay.evicted and len(self.replay) < self.config.min_clips and not self._warned_small_replay:
+            self._warned_small_replay = True
+            log.warning("the replay holds %d clips in replay_mb %.0f MB, fewer than min_clips %d: adaptation "
+                        "cannot start; raise replay_mb or lower min_clips", len(self.replay),
+                        self.config.replay_mb, self.config.min_clips)
 
     # ---- the guard ----
     def _pseudo_labels(self, emb: torch.Tensor) -> torch.Tensor:
@@ -427,7 +476,7 @@ class Adapter:
             if wait and not self._wait_for_slot():
                 raise InterruptedError("adapter stopping")
             s0 = time.monotonic()
-            x = self._probe[i : i + 1]
+            x = self._batch([self._probe[i]])
             losses.append(self.mae.forward_keep(x, self._probe_keep[i : i + 1]).loss.item())
             emb, m = self._features(x)
             moments.append(m)
@@ -582,11 +631,20 @@ class Adapter:
     def _wait_for_slot(self) -> bool:
         """Block while inference is busy or the device share is used up; False when stopping."""
         while not self._stop.is_set():
-            elapsed = time.monotonic() - self._started
-            if not self.busy() and self._spent_s <= self.config.max_device_share * elapsed:
+            if not self.busy() and self._credit() >= 0:
                 return True
             time.sleep(0.002)
         return False
+
+    def _credit(self) -> float:
+        """Device seconds the adapter may still spend: max_device_share of the wall time passes in, what it spends
+        goes out, and at most the share of SHARE_WINDOW_S is saved up, so after a long idle stretch (waiting for
+        clips, disabled) the share still holds instead of the adapter running flat out to catch up."""
+        now, share = time.monotonic(), self.config.max_device_share
+        self._credit_s = min(share * SHARE_WINDOW_S,
+                             self._credit_s + share * (now - self._credit_at) - (self._spent_s - self._credit_spent))
+        self._credit_at, self._credit_spent = now, self._spent_s
+        return self._credit_s
 
     # ---- one round ----
     def run_round(self, wait: bool = True) -> RoundResult:
@@ -595,9 +653,10 @@ class Adapter:
             cfg = self.config
             t0 = time.monotonic()
             if len(self.replay) < cfg.min_clips:
-                return RoundResult(False, f"waiting for clips ({len(self.replay)}/{cfg.min_clips})", self.version)
+                self.last = RoundResult(False, f"waiting for clips ({len(self.replay)}/{cfg.min_clips})", self.version)
+                return self.last
             if self._probe is None:  # fixed for the adapter's life: scores stay comparable across rounds
-                self._probe = self._batch(self.replay.first(cfg.probe_clips))
+                self._probe = self.replay.first(cfg.probe_clips)
                 g = torch.Generator().manual_seed(cfg.seed)
                 self._probe_keep = self.mae.encoder.random_keep(len(self._probe), cfg.mask_ratio, generator=g).to(self.device)
             self.rounds += 1
@@ -643,8 +702,9 @@ class Adapter:
                     # Numbers are never reused (after a rollback the next one is past every kept
                     # version), and the file is written before the swap: every served version has one.
                     new_version = max([self.version, *self.kept]) + 1
+                    parents = [*(self._parents or []), self.version][-MAX_PARENTS:]
                     served = self._blend(self.mae.state_dict())
-                    self._save_version(new_version, served)
+                    self._save_version(new_version, served, parents)
                     res.accepted = True
             except InterruptedError as e:
                 res.reason = str(e)
@@ -656,7 +716,7 @@ class Adapter:
             if res.accepted:
                 self._deployed, self._served, self._served_blend = self._mae_state(), served, cfg.blend
                 self._deployed_scores = scores
-                self.version = new_version
+                self.version, self._parents = new_version, parents
                 res.version = self.version
                 res.reason = "accepted"
                 self.accepted += 1
@@ -679,32 +739,44 @@ class Adapter:
         return self.out_dir / f"{self.model_id}@{version}.pt"
 
     def _write(self, path: str | Path, version: int, mae_state: dict[str, torch.Tensor],
-               served: dict[str, torch.Tensor], blend: float, extra: dict) -> Path:
+               served: dict[str, torch.Tensor], blend: float, parents: list[int] | None, extra: dict) -> Path:
         """Checkpoint `served` (the encoder that serves) with the decoder of `mae_state`, and the blend, from which
-        a restart or a rollback recovers the adapted weights behind it (`_unblend`). Every reader of the file
-        (the node, eval, adapt) serves exactly what the node served."""
+        a restart or a rollback recovers the adapted weights behind it (`_unblend`), and the versions it was
+        adapted from (`parents`). Every reader of the file (the node, eval, adapt) serves exactly what the node
+        served."""
+        lineage = {} if parents is None else {"parents": parents}
         return save_checkpoint(path, self.mae, state={**mae_state, **{f"encoder.{k}": v for k, v in served.items()}},
                                labels=self.labels, model_id=self.model_id, version=version,
-                               extra={**extra, **self.checkpoint_extra(), "blend": blend})
+                               extra={**extra, **self.checkpoint_extra(), **lineage, "blend": blend})
 
     def write(self, path: str | Path, extra: dict | None = None) -> Path:
         """Checkpoint the deployed version as it serves to `path` (what `adapt` writes)."""
         with self._lock:
-            return self._write(path, self.version, self._deployed, self._served, self._served_blend, extra or {})
+            return self._write(path, self.version, self._deployed, self._served, self._served_blend, self._parents,
+                               extra or {})
 
-    def _save_version(self, version: int, served: dict[str, torch.Tensor]) -> None:
-        """Checkpoint the shadow as `version` (serving `served`), point latest.json at it, then prune. Raises on
-        failure, leaving the files as they were: latest.json never names a file that is not (yet, or any more) there."""
+    def _publish(self, version: int, parents: list[int] | None) -> None:
+        """Point latest.json at `version`: what a restart resumes, and from where it rolls back."""
+        file = self._path(version).name if version in self.kept else None  # None: the base model
+        rec = {"version": version, "file": file, "parents": parents, "base_weights_sha256": self.lineage}
+        atomic_write_text(self.out_dir / "latest.json", json.dumps(rec) + "\n")
+
+    def _save_version(self, version: int, served: dict[str, torch.Tensor], parents: list[int]) -> None:
+        """Checkpoint the shadow as `version` (serving `served`, adapted from the deployed version), point
+        latest.json at it, then prune. Raises on failure, leaving the files as they were: latest.json never names a
+        file that is not (yet, or any more) there."""
         if self.out_dir is None:
             return
         path = self._path(version)
-        self._write(path, version, self.mae.state_dict(), served, self.config.blend, {"adaptation": {"rounds": self.rounds}})
+        self._write(path, version, self.mae.state_dict(), served, self.config.blend, parents,
+                    {"adaptation": {"rounds": self.rounds}})
+        self.kept.append(version)
         try:
-            atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": path.name}) + "\n")
+            self._publish(version, parents)
         except BaseException:
+            self.kept.pop()
             path.unlink(missing_ok=True)
             raise
-        self.kept.append(version)
         while len(self.kept) > self.config.keep_versions:
             old = self.kept.pop(0)
             try:
@@ -721,53 +793,105 @@ class Adapter:
             self.kept = sorted({*self.kept, self.version})  # rollback() relies on the order
             return self._path(self.version)
 
-    def rollback(self, version: int | None = None) -> int:
-        """Serve a kept version again (default: the one before the current); returns its number."""
-        from hiera_perception.checkpoint import load_checkpoint
+    def _load_version(self, version: int):
+        """(encoder that served, its blend, the HieraMAE state behind it, its parents or None) of a kept version;
+        the base model's version (0 for a trained model) without a file is the base model. Raises ValueError (not kept, corrupt, of another network or
+        lineage) or OSError."""
+        if version == self.base_version and version not in self.kept:
+            served = self.base.state_dict()
+            state = {f"encoder.{k}": v for k, v in served.items()}
+            state.update({k: v for k, v in self._deployed.items() if not k.startswith("encoder.")})
+            return served, 1.0, state, []
+        if self.out_dir is None or version not in self.kept:
+            raise ValueError(f"version {version} is not kept (kept: {self.kept})")
+        path = self._path(version)
+        ck = load_checkpoint(path)  # CheckpointError (a ValueError) when corrupt
+        if (why := mismatch(ck.extra, ck.config, self.base, self.lineage)) is not None:
+            raise ValueError(f"{path.name} cannot serve: {why}")
+        served = {k[len("encoder."):]: v for k, v in ck.model_state.items() if k.startswith("encoder.")}
+        blend = float(ck.extra.get("blend", 1.0))
+        state = {**ck.model_state, **{f"encoder.{k}": v for k, v in self._unblend(served, blend).items()}}
+        parents = ck.extra.get("parents")
+        return served, blend, state, None if parents is None else [int(v) for v in parents]
 
+    def _rollback_targets(self) -> list[int]:
+        """Where a rollback may go, nearest first: the versions the served one was adapted from (when the files
+        record them), else the kept versions older than it; the base model last. None while serving the base."""
+        if self._parents == []:
+            return []
+        chain = reversed(self._parents) if self._parents is not None else \
+            (v for v in reversed(self.kept) if v < self.version)  # a file from before parents were recorded
+        base = self.base_version
+        return list(dict.fromkeys(v for v in [*chain, base] if v != self.version and (v == base or v in self.kept)))
+
+    def rollback(self, version: int | None = None) -> int:
+        """Serve an earlier version again; returns its number. Default: the version the served one was adapted
+        from, or the nearest of its ancestors still kept and readable (a corrupt or foreign file is skipped, with a
+        warning), the base model last. Raises ValueError when there is none (serving the base) or
+        `version` cannot serve, OSError when latest.json cannot be written (nothing changes then)."""
         with self._lock:
-            if version is None:
-                older = [v for v in self.kept if v < self.version]
-                if not older:
-                    raise ValueError(f"no kept version older than {self.version} (kept: {self.kept})")
-                version = older[-1]
-            if version == 0 and 0 not in self.kept:
-                served, blend = self.base.state_dict(), 1.0
-                state = {f"encoder.{k}": v for k, v in served.items()}
-                state.update({k: v for k, v in self._deployed.items() if not k.startswith("encoder.")})
-            else:
-                if self.out_dir is None or version not in self.kept:
-                    raise ValueError(f"version {version} is not kept (kept: {self.kept})")
-                ck = load_checkpoint(self._path(version))
-                served, blend = ({k[len("encoder."):]: v for k, v in ck.model_state.items() if k.startswith("encoder.")},
-                                 float(ck.extra.get("blend", 1.0)))
-                state = {**ck.model_state, **{f"encoder.{k}": v for k, v in self._unblend(served, blend).items()}}
+            if version is not None:
+                return self._serve(version, *self._load_version(version))
+            targets = self._rollback_targets()
+            if not targets:
+                raise ValueError(f"already serving the base model (version {self.version}): nothing to roll back to")
+            for v in targets:
+                try:
+                    loaded = self._load_version(v)
+                except (ValueError, OSError) as e:
+                    log.warning("rollback skips version %d: %s", v, e)
+                    continue
+                return self._serve(v, *loaded)
+            raise AssertionError("the base model always loads")  # targets end with it
+
+    def _serve(self, version: int, served: dict[str, torch.Tensor], blend: float, state: dict[str, torch.Tensor],
+               parents: list[int] | None) -> int:
+        """Make a loaded version the deployed one: shadow, latest.json, serving. All or nothing."""
+        try:
             self.mae.load_state_dict(state)
-            self._deployed = self._mae_state()
-            self._served, self._served_blend = {k: v.detach().cpu().clone() for k, v in served.items()}, blend
-            self.version = version
-            self._make_optimizer()
-            # they described the weights rolled away from
-            self._running = self._running_class = self._running_stages = None
-            self._deployed_scores = None
-            if self.out_dir is not None:  # a restart resumes what serves now, not what was rolled away
-                file = self._path(version).name if version in self.kept else None
-                atomic_write_text(self.out_dir / "latest.json", json.dumps({"version": version, "file": file}) + "\n")
-            if self.on_accept is not None:
-                self.on_accept(self.encoder_state(), self.version)
-            return version
+            if self.out_dir is not None:  # a restart resumes what serves now, not what was rolled away from
+                self._publish(version, parents)
+        except BaseException:
+            self.mae.load_state_dict(self._deployed)
+            raise
+        self._deployed = self._mae_state()
+        self._served, self._served_blend = {k: v.detach().cpu().clone() for k, v in served.items()}, blend
+        self.version, self._parents = version, parents
+        self._make_optimizer()
+        # they described the weights rolled away from
+        self._running = self._running_class = self._running_stages = None
+        self._deployed_scores = None
+        if self.on_accept is not None:
+            self.on_accept(self.encoder_state(), self.version)
+        return version
+
+    @staticmethod
+    def _latest_record(out_dir: str | Path) -> dict | None:
+        """latest.json of `out_dir` (None when there is none; a warning when it cannot be read)."""
+        path = Path(out_dir) / "latest.json"
+        try:
+            rec = json.loads(path.read_text())
+            if not isinstance(rec, dict) or not isinstance(rec.get("version"), int):
+                raise ValueError("no version number in it")
+            return rec
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("%s cannot be read (%s): starting from the base model", path, e)
+            return None
 
     @staticmethod
     def latest(out_dir: str | Path) -> Path | None:
         """The last accepted checkpoint in `out_dir` (to resume after a restart), or None."""
-        try:
-            rec = json.loads((Path(out_dir) / "latest.json").read_text())
-            if rec["file"] is None:  # rolled back to the base model
-                return None
-            path = Path(out_dir) / rec["file"]
-            return path if path.is_file() else None
-        except (OSError, ValueError, KeyError, TypeError):
+        rec = Adapter._latest_record(out_dir)
+        if rec is None or rec.get("file") is None:  # nothing yet, or rolled back to the base model
             return None
+        path = Path(out_dir) / str(rec["file"])
+        if not path.is_file():
+            log.warning("%s names %s, which is gone: starting from the base model", Path(out_dir) / "latest.json",
+                        path.name)
+            return None
+        return path
 
     # ---- the thread ----
     def start(self) -> None:

@@ -32,7 +32,7 @@ from hiera_perception.config import CONFIGS, HieraConfig, config_from_dict, get_
 from hiera_perception.model import Hiera
 
 __all__ = [
-    "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "filter_official_state_dict",
+    "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "weights_sha256", "filter_official_state_dict",
     "official_kwargs", "load_official", "load_model", "resolve_device", "MODELS_DIR", "DEFAULT_MODEL",
 ]
 
@@ -73,13 +73,13 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _weights_sha256(state: dict[str, torch.Tensor]) -> str:
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and raw bytes of the weights, in key order."""
     h = hashlib.sha256()
     for k in sorted(state):
         t = state[k].detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-dim too
     return h.hexdigest()
 
 
@@ -111,7 +111,7 @@ def save_checkpoint(
         "model_id": model_id or cfg.name,
         "version": int(version),
         "step": step,
-        "weights_sha256": _weights_sha256(state),
+        "weights_sha256": weights_sha256(state),
         "extra": extra or {},
     }
     buf = io.BytesIO()
@@ -148,7 +148,7 @@ def _checkpoint_from_raw(raw: Any, path: Path) -> Checkpoint:
     state = raw.get("model_state")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no 'model_state' dict of tensors: the file is incomplete or not ours")
-    digest = _weights_sha256(state)
+    digest = weights_sha256(state)
     if digest != raw.get("weights_sha256"):
         raise CheckpointError(f"{path}: weights sha256 {digest[:16]}... does not match the recorded "
                               f"{str(raw.get('weights_sha256'))[:16]}...: the file is corrupt")

@@ -451,8 +451,9 @@ class PerceptionNode(Node):
             return response
         try:
             version = await self._off_executor(live.rollback)
-        except (ValueError, OSError) as e:  # nothing older, or a kept file that cannot be read
+        except Exception as e:  # noqa: BLE001 - nothing older, or latest.json unwritable: answer, keep serving
             response.success, response.message = False, f"rollback failed: {e}"
+            self.get_logger().warning(response.message)
             return response
         response.success = True
         response.message = f"rolled back to version {version}; it serves from the next clip"
@@ -467,8 +468,9 @@ class PerceptionNode(Node):
             return response
         try:
             path = await self._off_executor(live.save)
-        except (ValueError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk: answer, keep serving
             response.success, response.message = False, f"save failed: {e}"
+            self.get_logger().warning(response.message)
             return response
         response.success, response.message = True, str(path)
         return response

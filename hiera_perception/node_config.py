@@ -109,11 +109,11 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "adaptation.reconstruction_period_s": (20.0, _desc(
         "Seconds between ~/reconstruction images (input | masked | MAE reconstruction); 0 = none", 0.0, 86400.0)),
     # AdaptationConfig fields, same names (adaptation.py has the semantics)
-    "adaptation.lr": (_ADAPT.lr, _desc("AdamW learning rate of the adaptation steps", 0.0, 1.0)),
+    "adaptation.lr": (_ADAPT.lr, _desc("AdamW learning rate of the adaptation steps", 1e-12, 1.0)),
     "adaptation.mask_ratio": (_ADAPT.mask_ratio, _desc("Share of mask units dropped in each MAE step", 0.0, 0.99)),
     "adaptation.steps_per_round": (_ADAPT.steps_per_round, _desc("MAE steps between two guard checks", 1, 100000)),
     "adaptation.batch_size": (_ADAPT.batch_size, _desc("Clips per MAE step", 1, 1024)),
-    "adaptation.grad_clip": (_ADAPT.grad_clip, _desc("Gradient norm clip", 0.0, 1.0e6)),
+    "adaptation.grad_clip": (_ADAPT.grad_clip, _desc("Gradient norm clip", 1e-12, 1.0e6)),
     "adaptation.trainable": (_ADAPT.trainable, _desc("Encoder parameters that train: all | norms (LayerNorms) | "
                                                      "late (last stage + norms)")),
     "adaptation.align_weight": (_ADAPT.align_weight, _desc(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from hiera_perception.adapt import decoder_state_of
-from hiera_perception.adaptation import AdaptationConfig, Adapter
+from hiera_perception.adaptation import AdaptationConfig, Adapter, mismatch
 from hiera_perception.checkpoint import load_checkpoint, load_model
 from hiera_perception.labeler import prototypes_path
 from hiera_perception.mae import HieraMAE
@@ -65,14 +65,13 @@ def default_prototypes_file(model: Hiera) -> Path:
 
 def resume_serving(base: Hiera, out_dir: str | os.PathLike, device: str = "auto"
                    ) -> tuple[Hiera, dict[str, torch.Tensor] | None, bool]:
-    """(model to serve, its HieraMAE state or None, resumed?): the last accepted version in `out_dir` when there
-    is one for the same network, else `base` with the decoder of its own checkpoint."""
+    """(model to serve, its HieraMAE state or None, resumed?): the last accepted version in `out_dir` when it was
+    adapted from `base` (the same network and weights), else `base` with the decoder of its own checkpoint."""
     latest = Adapter.latest(out_dir)
     if latest is not None:
         ck = load_checkpoint(latest)
-        if ck.config != base.config:
-            log.warning("%s is a %s, not the served %s: starting from the base model", latest, ck.config.name,
-                        base.config.name)
+        if (why := mismatch(ck.extra, ck.config, base)) is not None:
+            log.warning("not resuming %s: %s; starting from the base model (the file stays)", latest, why)
         else:
             served = load_model(latest, device=str(next(base.parameters()).device))
             served.sampling = dict(getattr(base, "sampling", {}))  # the clip timing lives in the base file only
@@ -172,14 +171,9 @@ class LiveAdaptation:
         (self.adapter.enabled.set if enabled else self.adapter.enabled.clear)()
 
     def rollback(self) -> int:
-        """Back to the previous kept version, or to the base model (version 0) when none is kept before the
-        current one. Waits for a round in progress. Raises ValueError when already at the base."""
-        try:
-            return self.adapter.rollback()
-        except ValueError:
-            if self.adapter.version == 0:
-                raise ValueError("already serving the base model (version 0): nothing to roll back") from None
-            return self.adapter.rollback(0)
+        """Back to the version the served one was adapted from (see `Adapter.rollback`). Waits for a round in
+        progress. Raises ValueError when already at the base model."""
+        return self.adapter.rollback()
 
     def save(self) -> Path | None:
         """Checkpoint the deployed version now (waits for a round in progress); its path."""

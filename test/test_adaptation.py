@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from hiera_perception import adaptation
-from hiera_perception.adaptation import AdaptationConfig, Adapter, ReplayBuffer
+from hiera_perception.adaptation import AdaptationConfig, Adapter, ReplayBuffer, lineage
 from hiera_perception.checkpoint import load_checkpoint, load_model
 from hiera_perception.config import get_config
 from hiera_perception.mae import HieraMAE
@@ -117,7 +117,8 @@ def test_replay_buffer_caps_memory_and_evicts_oldest():
      ("keep_versions", 0, "keep_versions must be >= 1, got 0"), ("align_weight", -1.0, "align_weight must be >= 0"),
      ("align_momentum", 1.0, "align_momentum in \\[0, 1\\)"), ("stage_weight", -0.5, "stage_weight must be >= 0"),
      ("batch_size", 1, "align_weight > 0 needs batch_size and probe_clips >= 2"),
-     ("min_clips", 8, "probe_clips \\(48\\) must be <= min_clips \\(8\\)")],
+     ("min_clips", 8, "probe_clips \\(48\\) must be <= min_clips \\(8\\)"),
+     ("lr", 0.0, "lr must be > 0, got 0.0"), ("grad_clip", 0.0, "grad_clip must be > 0")],
 )
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -147,7 +148,8 @@ def test_accepted_round_checkpoints_and_hands_over_the_encoder(tmp_path):
 
     out = tmp_path / "versions"
     assert sorted(p.name for p in out.iterdir()) == ["latest.json", "robot@1.pt"]  # no temp files left
-    assert json.loads((out / "latest.json").read_text()) == {"version": 1, "file": "robot@1.pt"}
+    assert json.loads((out / "latest.json").read_text()) == {
+        "version": 1, "file": "robot@1.pt", "parents": [0], "base_weights_sha256": lineage(model)}
     assert Adapter.latest(out) == out / "robot@1.pt"
 
     assert len(on_accept.calls) == 1
@@ -328,7 +330,7 @@ def test_rollback_to_a_kept_version_and_to_the_base(tmp_path):
     model = serving_model()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     adapter, on_accept = make_adapter(tmp_path, model, steps_per_round=1)
-    with pytest.raises(ValueError, match="no kept version older than 0"):
+    with pytest.raises(ValueError, match=r"already serving the base model \(version 0\)"):
         adapter.rollback()
     assert adapter.run_round(wait=False).accepted and adapter.run_round(wait=False).accepted
     v1, v2 = on_accept.calls[0][0], on_accept.calls[1][0]
@@ -398,6 +400,142 @@ def test_restart_resumes_the_last_accepted_version(tmp_path):
         resumed.add_clip(rng.integers(0, 256, size=CLIP, dtype=np.uint8))
     assert resumed.run_round(wait=False).version == 3
     assert resumed.rollback(0) == 0 and states_equal(resumed.encoder_state(), original)  # the reference model
+
+
+def test_rollback_walks_back_the_versions_the_served_one_came_from(tmp_path):
+    """Rolling back twice goes back two steps, not forth again: after 1, 2, 3, a rollback to 2 and a new round
+    4 (adapted from 2), a rollback serves 2, not 3; then 1, then the base. A restart keeps the line."""
+    model = serving_model()
+    adapter, _ = make_adapter(tmp_path, model, steps_per_round=1)
+    for _ in range(3):
+        assert adapter.run_round(wait=False).accepted
+    assert adapter.rollback() == 2
+    assert adapter.run_round(wait=False).version == 4
+    out = tmp_path / "versions"
+    assert load_checkpoint(out / "robot@4.pt").extra["parents"] == [0, 1, 2]
+    assert json.loads((out / "latest.json").read_text())["parents"] == [0, 1, 2]
+
+    # a new process resumes version 4 and rolls back along the same line
+    ck = load_checkpoint(Adapter.latest(out))
+    resumed = Adapter(load_model(out / "robot@4.pt", device="cpu"), config(steps_per_round=1), mae_state=ck.model_state,
+                      out_dir=out, version=ck.version, reference=model)
+    assert [resumed.rollback(), resumed.rollback(), resumed.rollback()] == [2, 1, 0]
+    with pytest.raises(ValueError, match="already serving the base model"):
+        resumed.rollback()
+
+
+def test_rollback_skips_a_corrupt_version_instead_of_jumping_to_the_base(tmp_path, caplog):
+    adapter, on_accept = make_adapter(tmp_path, steps_per_round=1)
+    for _ in range(3):
+        assert adapter.run_round(wait=False).accepted
+    v1 = on_accept.calls[0][0]
+    out = tmp_path / "versions"
+    data = bytearray((out / "robot@2.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "robot@2.pt").write_bytes(bytes(data))
+    adaptation.log.addHandler(caplog.handler)
+    try:
+        assert adapter.rollback() == 1
+    finally:
+        adaptation.log.removeHandler(caplog.handler)
+    assert states_equal(adapter.encoder_state(), v1) and on_accept.calls[-1][1] == 1
+    assert "rollback skips version 2" in caplog.text
+    assert json.loads((out / "latest.json").read_text())["version"] == 1
+
+
+def test_a_failed_rollback_changes_nothing(tmp_path, monkeypatch):
+    adapter, on_accept = make_adapter(tmp_path, steps_per_round=1)
+    assert adapter.run_round(wait=False).accepted and adapter.run_round(wait=False).accepted
+    served, calls, latest = adapter.encoder_state(), len(on_accept.calls), (tmp_path / "versions/latest.json").read_text()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adaptation, "atomic_write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        adapter.rollback()
+    assert adapter.version == 2 and len(on_accept.calls) == calls and states_equal(adapter.encoder_state(), served)
+    assert (tmp_path / "versions/latest.json").read_text() == latest
+    monkeypatch.undo()
+    assert adapter.rollback() == 1  # and it still works once the disk has room
+
+
+def test_versions_of_another_base_are_neither_resumed_nor_rolled_back_to(tmp_path, caplog):
+    """The model file was rebuilt (same model id and network, other weights) or its head changed: the versions
+    adapted from the old one stay on disk, but the new base serves and never rolls back onto them."""
+    from hiera_perception import online
+    from hiera_perception.online import resume_serving
+
+    old, _ = make_adapter(tmp_path, serving_model(0), steps_per_round=1)
+    assert old.run_round(wait=False).accepted and old.run_round(wait=False).accepted
+    out = tmp_path / "versions"
+    online.log.addHandler(caplog.handler)
+    adaptation.log.addHandler(caplog.handler)
+    try:
+        rebuilt = serving_model(1)
+        served, mae_state, resumed = resume_serving(rebuilt, out)
+        assert served is rebuilt and not resumed
+        assert "it was adapted from other weights" in caplog.text
+
+        wider = Hiera(get_config(TINY, num_classes=5)).eval()
+        wider.labels, wider.model_id = list("abcde"), "robot"
+        assert resume_serving(wider, out)[0] is wider and "differs from the served hiera_tiny_8x64 in num_classes" \
+            in caplog.text
+
+        new, on_accept = make_adapter(tmp_path, rebuilt, steps_per_round=1)
+        assert new.kept == [1, 2] and new.run_round(wait=False).version == 3
+        with pytest.raises(ValueError, match="robot@2.pt cannot serve: it was adapted from other weights"):
+            new.rollback(2)
+        assert new.rollback() == 0 and states_equal(new.encoder_state(), rebuilt.state_dict())
+    finally:
+        online.log.removeHandler(caplog.handler)
+        adaptation.log.removeHandler(caplog.handler)
+
+
+def test_unreadable_latest_and_leftover_temp_files_are_reported(tmp_path, caplog):
+    adapter, _ = make_adapter(tmp_path, steps_per_round=1)
+    assert adapter.run_round(wait=False).accepted
+    out = tmp_path / "versions"
+    (out / ".robot@2.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # a kill mid-write
+    adaptation.log.addHandler(caplog.handler)
+    try:
+        (out / "latest.json").write_text('{"version": 1, "fi')
+        assert Adapter.latest(out) is None and "latest.json cannot be read" in caplog.text
+        (out / "latest.json").write_text(json.dumps({"version": 9, "file": "robot@9.pt"}))
+        assert Adapter.latest(out) is None and "names robot@9.pt, which is gone" in caplog.text
+        make_adapter(tmp_path, steps_per_round=1)
+        assert "removing" in caplog.text and not list(out.glob(".*.tmp"))
+    finally:
+        adaptation.log.removeHandler(caplog.handler)
+
+
+def test_settings_no_round_could_ever_use_are_refused_or_reported(tmp_path, caplog):
+    # hiera_tiny_8x64 has 16 mask units: 0.95 keeps none visible, 0 masks none
+    for ratio in (0.0, 0.95):
+        with pytest.raises(ValueError, match=f"mask_ratio {ratio} keeps .* of hiera_tiny_8x64's 16 mask units"):
+            make_adapter(tmp_path, mask_ratio=ratio)
+    adaptation.log.addHandler(caplog.handler)
+    try:  # room for 3 clips, 4 needed before the first round
+        adapter, _ = make_adapter(tmp_path, clips=6, replay_mb=3.5 * np.prod(CLIP) / 2**20)
+    finally:
+        adaptation.log.removeHandler(caplog.handler)
+    assert "fewer than min_clips 4: adaptation cannot start" in caplog.text
+    assert adapter.run_round(wait=False).reason == "waiting for clips (3/4)"
+    assert adapter.status()["last_result"] == "waiting for clips (3/4)"
+
+
+def test_device_share_holds_after_a_long_idle_stretch(tmp_path, monkeypatch):
+    """Idle time (waiting for clips, disabled) saves up no more than the share of SHARE_WINDOW_S: afterwards the
+    adapter may run that long, then waits as the share says."""
+    now = [1000.0]
+    monkeypatch.setattr(adaptation.time, "monotonic", lambda: now[0])
+    adapter, _ = make_adapter(tmp_path, max_device_share=0.1)
+    now[0] += 3600.0  # an hour disabled
+    assert adapter._credit() == pytest.approx(0.1 * adaptation.SHARE_WINDOW_S)
+    adapter._spent_s += 0.2 + 0.05  # it spends what it saved, and a step more
+    assert adapter._credit() == pytest.approx(-0.05)  # so it must wait
+    now[0] += 0.5
+    assert adapter._credit() == pytest.approx(0.0)  # 0.5 s at 0.1 pays back 0.05 s
 
 
 # ---------------------------------------------------------------------------------------------------

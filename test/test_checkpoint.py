@@ -163,6 +163,13 @@ def test_flipped_bytes_in_a_weight_fail_the_sha256(tmp_path):
         load_model(path, device="cpu")
 
 
+def test_weights_sha256_covers_every_tensor_shape():
+    a = {"scale": torch.tensor(1.0), "w": torch.ones(2, 3), "empty": torch.zeros(0)}
+    assert checkpoint.weights_sha256(a) == checkpoint.weights_sha256({k: v.clone() for k, v in a.items()})
+    assert checkpoint.weights_sha256(a) != checkpoint.weights_sha256({**a, "scale": torch.tensor(2.0)})  # 0-dim
+    assert checkpoint.weights_sha256(a) != checkpoint.weights_sha256({**a, "w": torch.ones(3, 2)})  # shape
+
+
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "absent.pt")
