@@ -32,7 +32,7 @@ import torch
 
 from hiera_perception.checkpoint import load_model, resolve_device
 from hiera_perception.cuda_graph import CudaGraph
-from hiera_perception.labeler import Labeler, Prototypes, prototypes_path
+from hiera_perception.labeler import Labeler, Prototypes, default_prototypes_file
 from hiera_perception.model import Hiera
 from hiera_perception.preprocess import AreaResize, centre_square, crop_resize, normalize
 
@@ -54,7 +54,8 @@ class Engine:
     def __init__(self, model: Hiera | str | None = None, device: str = "auto", precision: str = "fp32", top_k: int = 5,
                  prototypes_file: str | None = None, cuda_graph: bool = True, compile: bool = False,
                  device_resize: bool = False):
-        """prototypes_file: where taught labels persist (default: beside the model's file, if any).
+        """prototypes_file: where taught labels persist (default: beside the model's file if that folder is
+        writable, else in the state folder; none for a model without a file).
         cuda_graph / compile: replay captured CUDA graphs / use torch.compile (GPU only, see above).
         device_resize: shrink full-size frames on the device rather than the host (see above; any device)."""
         if precision not in PRECISIONS:
@@ -66,7 +67,8 @@ class Engine:
         cfg = self.model.config
         self.num_frames, self.size = cfg.input_size[0], cfg.input_size[1]
         source = getattr(self.model, "source_path", None)
-        proto_path = prototypes_file or (prototypes_path(source) if source else None)
+        # a model without a file keeps none unless told where (the node gives it one in the state folder)
+        proto_path = prototypes_file or (default_prototypes_file(self.model) if source else None)
         self.prototypes = Prototypes(cfg.num_features, proto_path)
         head = self.model.head.projection if self.model.head is not None else None
         self.labeler = Labeler(getattr(self.model, "labels", []), head, top_k, self.prototypes)

@@ -23,7 +23,7 @@ import torch
 
 from hiera_perception.atomic import atomic_write_text
 
-__all__ = ["Labeler", "Prototypes", "prototypes_path"]
+__all__ = ["Labeler", "Prototypes", "prototypes_path", "default_prototypes_file", "state_dir"]
 
 log = logging.getLogger(__name__)
 COSINE_TEMPERATURE = 10.0
@@ -33,6 +33,25 @@ def prototypes_path(model_path: str | os.PathLike) -> Path:
     """Where the taught labels of the model in `model_path` live: `<model>.prototypes.json`."""
     p = Path(model_path)
     return p.with_name(p.name + ".prototypes.json")
+
+
+def state_dir() -> Path:
+    """Where the package keeps what it learns on this machine: $XDG_STATE_HOME/hiera_perception."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "hiera_perception"
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-@" else "_" for c in name) or "model"
+
+
+def default_prototypes_file(model) -> Path:
+    """Taught labels of `model` (a loaded Hiera): beside its file (`<model>.prototypes.json`) when that folder is
+    writable, else (an installed, read-only models/ folder, or a model without a file) <state dir>/prototypes/
+    <model_id>.prototypes.json. The node and the command line keep them in the same place."""
+    source = getattr(model, "source_path", None)
+    if source and os.access(Path(source).parent, os.W_OK):
+        return prototypes_path(source)
+    return state_dir() / "prototypes" / f"{safe_name(getattr(model, 'model_id', model.config.name))}.prototypes.json"
 
 
 class Prototypes:

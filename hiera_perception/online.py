@@ -29,38 +29,20 @@ import torch
 from hiera_perception.adapt import decoder_state_of
 from hiera_perception.adaptation import AdaptationConfig, Adapter, mismatch
 from hiera_perception.checkpoint import load_checkpoint, load_model
-from hiera_perception.labeler import prototypes_path
+from hiera_perception.labeler import default_prototypes_file, safe_name, state_dir
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 from hiera_perception.reconstruction import reconstruction_panel
 
-__all__ = ["LiveAdaptation", "TeachJob", "state_dir", "default_adaptation_dir", "default_prototypes_file",
+__all__ = ["LiveAdaptation", "TeachJob", "default_adaptation_dir", "default_prototypes_file",
            "resume_serving"]
 
 log = logging.getLogger(__name__)
 
 
-def state_dir() -> Path:
-    """Where the package keeps what it learns on this machine: $XDG_STATE_HOME/hiera_perception."""
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "hiera_perception"
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-@" else "_" for c in name) or "model"
-
-
 def default_adaptation_dir(model_id: str) -> Path:
     """Adapted versions of one model: <state dir>/adaptation/<model_id>."""
-    return state_dir() / "adaptation" / _safe(model_id)
-
-
-def default_prototypes_file(model: Hiera) -> Path:
-    """Taught labels of `model`: beside its file (`<model>.prototypes.json`) when that folder is writable, else
-    (an installed, read-only models/ folder, or a model without a file) <state dir>/prototypes/<model_id>.json."""
-    source = getattr(model, "source_path", None)
-    if source and os.access(Path(source).parent, os.W_OK):
-        return prototypes_path(source)
-    return state_dir() / "prototypes" / f"{_safe(getattr(model, 'model_id', model.config.name))}.prototypes.json"
+    return state_dir() / "adaptation" / safe_name(model_id)
 
 
 def resume_serving(base: Hiera, out_dir: str | os.PathLike, device: str = "auto"
