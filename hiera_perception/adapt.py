@@ -117,13 +117,8 @@ def clip_stream(num_frames: int, frame_stride_s: float, size: int, data: str | N
     if (data is None) == (bag is None):
         raise ValueError("give exactly one clip source: a data folder or a bag")
     if bag is not None:
-        from hiera_perception.bag import BagClips, bag_image_topics
+        from hiera_perception.bag import BagClips
 
-        if topic is None:
-            topics = sorted(bag_image_topics(bag))
-            if len(topics) != 1:
-                raise ValueError(f"bag {bag} has image topics {topics or 'none'}: name one with --topic")
-            topic = topics[0]
         ds = BagClips(bag, topic, num_frames, frame_stride_s, size)
     else:
         from hiera_perception.dataset import ClipDataset

@@ -82,7 +82,8 @@ def iter_bag_frames(path: str | os.PathLike, topic: str) -> Iterator[tuple[float
 
 
 class BagClips(torch.utils.data.Dataset):
-    """The clips of one image topic of a bag, cut as the node cuts them: item i -> (uint8 [T, S, S, 3], -1).
+    """The clips of one image topic of a bag (None: its only one), cut as the node cuts them: item i ->
+    (uint8 [T, S, S, 3], -1).
 
     Clips of `num_frames` frames every `frame_stride_s`, a new one every `hop_s` (default: every
     `frame_stride_s`, so overlapping clips see every sample phase); a gap over `max_gap_s` or a stamp
@@ -93,13 +94,18 @@ class BagClips(torch.utils.data.Dataset):
     def __init__(
         self,
         path: str | os.PathLike,
-        topic: str,
+        topic: str | None,
         num_frames: int,
         frame_stride_s: float,
         size: int,
         hop_s: float | None = None,
         max_gap_s: float | None = None,
     ):
+        if topic is None:  # a bag of one camera needs no --topic
+            topics = sorted(bag_image_topics(path))
+            if len(topics) != 1:
+                raise ValueError(f"bag {path} has image topics {topics or 'none'}: name one with --topic")
+            topic = topics[0]
         hop_s = frame_stride_s if hop_s is None else hop_s
         max_gap_s = max(1.0, 4 * frame_stride_s) if max_gap_s is None else max_gap_s
         buffer = ClipBuffer(num_frames, frame_stride_s, hop_s, max_gap_s, size)

@@ -54,8 +54,9 @@ def _bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
+    first = next((i for i, a in enumerate(argv) if a not in ("-v", "--verbose")), len(argv))
+    if argv[first : first + 1] == ["bench"]:  # its own parser: `python -m benchmarks` takes the rest
+        return _bench(argv[first + 1 :])
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `... | head`: the reader left, nothing went wrong here
         sys.stderr.close()
         return 0
+    except (ValueError, OSError, ImportError) as e:  # bad input, a missing or unreadable file: say it in one line
+        if args.verbose:
+            raise
+        print(f"hiera-perception {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -119,6 +119,8 @@ class Engine:
         for i, c in enumerate(clips):
             for j, f in enumerate(c):
                 f = np.asarray(f)
+                if f.dtype != np.uint8:  # the buffer would cast it silently: a [0, 1] float frame reads as black
+                    raise ValueError(f"frames must be uint8 RGB, got {f.dtype}")
                 if self._resize is not None and min(f.shape[:2]) > self.size:  # larger than S: shrink on the device
                     square = centre_square(f)
                     large.setdefault(len(square), []).append((i, j, square))

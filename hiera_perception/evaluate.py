@@ -46,10 +46,12 @@ def evaluate(
 
     if batch < 1 or clips_per_video < 1:
         raise ValueError(f"batch and clips_per_video must be >= 1, got batch={batch}, clips_per_video={clips_per_video}")
-    names = list(engine.labeler.names) + engine.prototypes.names  # head classes, then taught labels
+    names = engine.labeler.classes  # head classes, then taught labels
     if not names:
         raise ValueError(f"model {engine.encoder_version} has neither a classification head nor taught labels: "
                          "nothing to evaluate")
+    if frame_stride_s is not None and not frame_stride_s > 0:
+        raise ValueError(f"frame_stride_s must be > 0, got {frame_stride_s}")
     stride = float(frame_stride_s or engine.frame_stride_s)
     ds = ClipDataset(folder, engine.num_frames, stride, engine.size, clips_per_video=clips_per_video)
     unknown = sorted(set(ds.classes) - set(names))

@@ -141,8 +141,14 @@ class Labeler:
             self._w_norm = float(w.norm(dim=1).mean())
             self._b_mean = float(head.bias.detach().float().mean()) if head.bias is not None else 0.0
 
+    @property
+    def classes(self) -> list[str]:
+        """Every name a clip can get: the head's classes, then taught labels the head does not have."""
+        return list(dict.fromkeys(self.names + (self.prototypes.names if self.prototypes is not None else [])))
+
     def __call__(self, embedding: torch.Tensor, logits: torch.Tensor | None) -> tuple[list[str], list[float]]:
-        """embedding [C], raw logits [K] or None -> (top-k names best first, their probabilities)."""
+        """embedding [C], raw logits [K] or None -> (top-k names best first, their probabilities). A label taught
+        under a head class's name adds its probability to that class's: one name, one entry."""
         names, scores = list(self.names), [] if logits is None else [logits.float().cpu()]
         if self.prototypes is not None and self.prototypes.names:
             protos = self.prototypes.matrix()
@@ -155,6 +161,10 @@ class Labeler:
         if not scores:
             return [], []
         probs = torch.softmax(torch.cat(scores), dim=-1)
+        if len(set(names)) < len(names):
+            unique = list(dict.fromkeys(names))
+            where = torch.tensor([unique.index(n) for n in names])
+            probs, names = torch.zeros(len(unique)).index_add_(0, where, probs), unique
         top, idx = probs.topk(min(self.top_k, probs.numel()))
         return [names[i] for i in idx.tolist()], top.tolist()
 
@@ -165,8 +175,12 @@ class Labeler:
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model (default: the embedded one)")
-    p.add_argument("--data", required=True, help="data folder (labels.csv + videos) with clips of the new actions")
-    p.add_argument("--label", default=None, help="teach only this label of the folder (default: every label in it)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="data folder (labels.csv + videos) with clips of the new actions")
+    src.add_argument("--bag", help="rosbag2 folder (or file) recorded while someone did one action: needs --label")
+    p.add_argument("--topic", default=None, help="image topic in --bag (default: its only image topic)")
+    p.add_argument("--label", default=None, help="teach only this label of the folder (default: every label in "
+                   "it); with --bag, the name every clip of the bag is taught as")
     p.add_argument("--prototypes", default=None, help="taught-labels file (default: <model>.prototypes.json)")
     p.add_argument("--clips-per-video", type=int, default=2)
     p.add_argument("--device", default="auto")
@@ -178,17 +192,25 @@ def main(args) -> int:
     from hiera_perception.dataset import ClipDataset
     from hiera_perception.engine import Engine
 
+    if args.bag is not None and not (args.label or "").strip():
+        raise SystemExit("teach --bag needs --label NAME: a bag carries no labels")
     engine = Engine(args.model, device=args.device, prototypes_file=args.prototypes)
     if engine.prototypes.path is None:
         raise SystemExit("this model has no file to keep taught labels beside: pass --prototypes FILE")
-    data = ClipDataset(args.data, engine.num_frames, engine.frame_stride_s, engine.size, args.clips_per_video)
-    by_label: dict[str, list] = {}
-    for i in tqdm(range(len(data)), desc="teach", unit="clip", disable=None):
-        clip, idx = data[i]
-        if idx >= 0 and (args.label is None or data.classes[idx] == args.label):
-            by_label.setdefault(data.classes[idx], []).append(list(clip.numpy()))
-    if not by_label:
-        raise SystemExit(f"no labelled clips{f' of {args.label!r}' if args.label else ''} in {args.data}")
+    if args.bag is not None:
+        from hiera_perception.bag import BagClips
+
+        data = BagClips(args.bag, args.topic, engine.num_frames, engine.frame_stride_s, engine.size)
+        by_label = {args.label.strip(): [list(data[i][0].numpy()) for i in range(len(data))]}
+    else:
+        data = ClipDataset(args.data, engine.num_frames, engine.frame_stride_s, engine.size, args.clips_per_video)
+        by_label: dict[str, list] = {}
+        for i in tqdm(range(len(data)), desc="teach", unit="clip", disable=None):
+            clip, idx = data[i]
+            if idx >= 0 and (args.label is None or data.classes[idx] == args.label):
+                by_label.setdefault(data.classes[idx], []).append(list(clip.numpy()))
+        if not by_label:
+            raise SystemExit(f"no labelled clips{f' of {args.label!r}' if args.label else ''} in {args.data}")
     for label, clips in by_label.items():
         count = engine.teach(label, clips)
         print(f"taught {label!r}: {len(clips)} clips ({count} in all) -> {engine.prototypes.path}")

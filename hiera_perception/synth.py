@@ -586,6 +586,8 @@ def write_dataset(
         raise ValueError(f"seconds and fps must be > 0, got seconds={seconds}, fps={fps}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # a re-run overwrites videos: the old labels.csv must not outlive them, naming a mix of old and new clips
+    (out / "labels.csv").unlink(missing_ok=True)
     ext, fourcc = video_format()
     num_frames = max(1, round(seconds * fps))
     rows: list[tuple[str, str | None]] = []

@@ -86,6 +86,11 @@ def main(args) -> int:
     from hiera_perception.clip_buffer import ClipBuffer
     from hiera_perception.engine import Engine
 
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    for flag, value in (("--frame-stride", args.frame_stride), ("--hop", args.hop)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
     engine = Engine(load_model(args.model, arch=args.arch, device=args.device), args.device, args.precision, args.top_k)
     stride = args.frame_stride or engine.frame_stride_s
     hop = args.hop or max(stride, stride * engine.num_frames / 2)

@@ -123,3 +123,28 @@ def _pretrain_args(**kw):
     args = p.parse_args(argv)
     _check(args)
     return args
+
+
+def test_teach_from_a_bag_learns_every_clip_as_the_label(bag, tmp_path):
+    """Record someone doing an action, teach it: every clip of the bag's (only) camera topic is an example."""
+    import json
+
+    import torch
+
+    from hiera_perception import cli
+    from hiera_perception.checkpoint import save_checkpoint
+    from hiera_perception.config import get_config
+    from hiera_perception.labeler import prototypes_path
+    from hiera_perception.model import Hiera
+
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "robot.pt", Hiera(get_config("hiera_tiny_8x64")), model_id="robot",
+                            extra={"sampling": {"frame_stride_s": 0.1}})
+    args = ["teach", "--model", str(model), "--bag", str(bag[0]), "--device", "cpu"]
+    with pytest.raises(SystemExit, match="teach --bag needs --label"):
+        cli.main(args)
+    assert cli.main(args + ["--label", "handshake"]) == 0  # no --topic: the bag has one image topic
+    clips = len(BagClips(bag[0], None, 8, 0.1, 64))
+    assert clips == 23  # 30 frames at 10 Hz, a clip per stride from 0.7 s on
+    taught = json.loads(prototypes_path(model).read_text())["labels"]
+    assert list(taught) == ["handshake"] and taught["handshake"]["count"] == clips

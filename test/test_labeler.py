@@ -236,6 +236,26 @@ def test_taught_label_ranks_with_the_head_classes():
         assert res.labels[0] != "new"
 
 
+def test_a_label_taught_under_a_head_class_name_is_one_entry():
+    """Teaching `class_1` (a head class) more examples must not list it twice: its probabilities add up."""
+    rng = np.random.default_rng(2)
+    engine = Engine(random_model(num_classes=3, seed=1), device="cpu", top_k=5)
+    clip = sweep(rng)
+    before = engine.infer([clip])[0]
+    engine.teach("class_1", [sweep(rng) for _ in range(3)])
+    assert engine.labeler.classes == ["class_0", "class_1", "class_2"]
+    res = engine.infer([clip])[0]
+    assert sorted(res.labels) == ["class_0", "class_1", "class_2"] and math.isclose(sum(res.scores), 1.0, rel_tol=1e-5)
+    assert res.labels[0] == "class_1" and res.scores[0] > dict(zip(before.labels, before.scores))["class_1"]
+
+
+def test_frames_that_are_not_uint8_are_refused():
+    engine = Engine(random_model(num_classes=3), device="cpu")
+    frames = [f.astype(np.float32) / 255 for f in sweep(np.random.default_rng(0))]  # [0, 1] floats would read black
+    with pytest.raises(ValueError, match="frames must be uint8 RGB, got float32"):
+        engine.infer([frames])
+
+
 def _data_folder(root, rng) -> tuple:
     ext = dataset.video_format()[0]
     rows = []

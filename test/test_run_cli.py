@@ -125,3 +125,33 @@ def test_too_short_video_returns_1(tmp_path, capsys, model_file):
     assert cli.main(["run", "--model", str(model_file), "--video", str(video), "--device", "cpu"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "too short for one clip of 8 frames" in captured.err
+
+
+def test_bad_input_is_one_line_on_stderr_and_exit_1(tmp_path, capsys, model_file):
+    """A user's mistake gets `hiera-perception CMD: what is wrong`, not a traceback; -v shows the traceback."""
+    video = make_video(tmp_path, 30)
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"not a video at all")
+    cases = [
+        (["--video", str(tmp_path / "missing.mp4")], "video file not found"),
+        (["--video", str(corrupt)], "OpenCV cannot open video"),
+        (["--video", str(video), "--model", str(tmp_path / "none.pt")], "is neither a file"),
+        (["--video", str(video), "--frame-stride", "0"], "--frame-stride must be > 0, got 0.0"),
+        (["--video", str(video), "--hop", "-1"], "--hop must be > 0, got -1.0"),
+        (["--video", str(video), "--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--video", str(video), "--top-k", "0"], "top_k must be >= 1"),
+    ]
+    for args, message in cases:
+        model = [] if "--model" in args else ["--model", str(model_file)]
+        assert cli.main(["run", *model, *args, "--device", "cpu"]) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("hiera-perception run: ") and message in err[-1], (args, err)
+        assert not any("Traceback" in line for line in err)
+    with pytest.raises(FileNotFoundError):
+        cli.main(["-v", "run", "--video", str(tmp_path / "missing.mp4"), "--device", "cpu"])
+
+
+def test_verbose_flag_before_bench_reaches_the_benchmarks(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-v", "bench", "--help"])
+    assert e.value.code == 0 and "engine" in capsys.readouterr().out

@@ -231,6 +231,27 @@ def test_cli_writes_a_balanced_data_folder(tmp_path):
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
+def test_an_interrupted_rerun_leaves_no_labels_naming_a_mix_of_runs(tmp_path, monkeypatch):
+    from hiera_perception import dataset
+
+    out = tmp_path / "data"
+    common = ["synth", "--out", str(out), "--clips", "3", "--seconds", "0.3", "--fps", "10", "--size", "32",
+              "--no-progress"]
+    assert cli.main([*common, "--seed", "1"]) == 0
+    real, written = dataset.write_video, []
+
+    def dies_on_the_second(path, *args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "write_video", dies_on_the_second)
+    assert cli.main([*common, "--seed", "2"]) == 130  # Ctrl-C
+    # clip 0 is the new run's, 1 and 2 the old one's: no labels.csv may vouch for that folder
+    assert written and not (out / "labels.csv").exists()
+
+
 def test_cli_unlabeled_and_shifted_reproduces_the_clip(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--clips", "2", "--seed", "5", "--seconds", "0.3", "--fps", "10", "--size", "32", "--no-progress"]
