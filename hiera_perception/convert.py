@@ -173,8 +173,9 @@ def _compressed_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
     size = _png_size(head) if head.startswith(b"\x89PNG\r\n\x1a\n") else None
     if head.startswith(b"\xff\xd8"):
         size = _jpeg_size(head)
-        # libjpeg returns a grey-filled image with only a warning for a cut file
-        if b"\xff\xd9" not in data[-64:].tobytes():
+        # libjpeg returns a grey-filled image with only a warning for a cut file. Cameras may pad after the end
+        # marker; entropy-coded data never holds one (0xFF is stuffed), only an EXIF thumbnail near the start does
+        if b"\xff\xd9" not in data[-4096:].tobytes():
             raise BadFrame("truncated", "JPEG without its end marker")
     if size is not None:
         if size[0] <= 0 or size[1] <= 0:
