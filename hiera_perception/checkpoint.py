@@ -14,17 +14,20 @@ Our files (`.pt`, written atomically) hold everything needed to serve the model 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import logging
 import os
 import pickle
+import re
 import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hiera_perception.atomic import atomic_write_bytes
@@ -120,13 +123,34 @@ def save_checkpoint(
     return path
 
 
+def _safe_metadata_globals() -> list:
+    """What FAIR-style training files carry beside their weights (numpy scalars and arrays of numbers, the
+    run's argparse.Namespace), allowed by name in a weights-only load: plain data, no code runs."""
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:
+        from numpy.core import multiarray
+    numeric = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"  # no object or void dtypes
+    return [argparse.Namespace, np.ndarray, np.dtype, *{type(np.dtype(c)) for c in numeric}] + [
+        (f, f"{m}.{f.__name__}") for f in (multiarray.scalar, multiarray._reconstruct)
+        for m in ("numpy._core.multiarray", "numpy.core.multiarray")]
+
+
 def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    # UnpicklingError: a file that is not a zip at all (text, a stray download) or holds forbidden objects
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        # never weights_only=False (a file is untrusted input); the allowlist for every file, as ours and official
+        # ones look alike until read
+        with torch.serialization.safe_globals(_safe_metadata_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # an intact file naming a class or function outside the allowlist, or no zip at all (text, a stray download)
+        if (unsupported := re.search(r"Unsupported global: GLOBAL (\S+)", str(e))) is not None:
+            raise CheckpointError(f"{path}: holds unsupported objects ({unsupported.group(1)}): a weights-only load "
+                                  "reads tensors, plain data, numpy numbers and argparse.Namespace only") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
 
@@ -217,8 +241,9 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
     model.load_state_dict(state, strict=True)
 
 
-def load_official(path: str | os.PathLike, config: HieraConfig | str, mae: bool = False) -> torch.nn.Module:
-    """An official `.pth` (weights under `model_state`) -> our Hiera (or HieraMAE with mae=True).
+def load_official(path: str | os.PathLike, config: HieraConfig | str, mae: bool | None = False) -> torch.nn.Module:
+    """An official `.pth` (weights under `model_state`) -> our Hiera (or HieraMAE with mae=True; mae=None:
+    a HieraMAE when the file holds decoder weights, else a Hiera).
 
     The head size follows the file: a K400 checkpoint gives 400 classes, an MAE file none."""
     from hiera_perception import weights  # verifies files fetched into the cache against their record
@@ -228,13 +253,15 @@ def load_official(path: str | os.PathLike, config: HieraConfig | str, mae: bool 
     return _official_from_raw(_torch_load(path), path, config, mae)
 
 
-def _official_from_raw(raw: Any, path: Path, config: HieraConfig | str, mae: bool = False) -> torch.nn.Module:
+def _official_from_raw(raw: Any, path: Path, config: HieraConfig | str, mae: bool | None = False) -> torch.nn.Module:
     if not isinstance(raw, dict) or "model_state" not in raw:
         raise CheckpointError(f"{path}: no 'model_state' entry: not an official Hiera checkpoint")
     state = raw["model_state"]
     cfg = get_config(config) if isinstance(config, str) else config
     head = state.get("head.projection.weight")
     cfg = cfg.replace(num_classes=int(head.shape[0]) if head is not None else 0)
+    if mae is None:
+        mae = "decoder_pred.weight" in state
     if mae:
         from hiera_perception.mae import HieraMAE
 
@@ -254,7 +281,15 @@ def _official_from_raw(raw: Any, path: Path, config: HieraConfig | str, mae: boo
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":  # fail here, not with an assert deep in torch at the first .to()
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device} requested but no CUDA GPU is available; use cpu or auto")
+        if (dev.index or 0) >= count:
+            raise ValueError(f"device {device} requested but only {count} CUDA GPU(s) are available "
+                             f"(cuda:0..{count - 1})")
+    return dev
 
 
 def load_model(source: str | os.PathLike | None = None, arch: str | None = None, device: str = "auto") -> Hiera:
@@ -262,7 +297,8 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
 
     source: None (the embedded model), a file name in models/, a path to our checkpoint, a path to an
     official `.pth` (arch names its config, e.g. "hiera_base_16x224"), an official table name
-    fetched earlier (`hiera-perception fetch-weights NAME`), or a config name (random weights).
+    fetched earlier (`hiera-perception fetch-weights NAME`), or a config name (random weights, with a warning;
+    their model_id is "<config>-random" and they carry no label names, so a consumer can tell).
     The model carries `.labels`, `.model_id` and `.version` for the labeler and the message.
     """
     from hiera_perception import weights
@@ -274,7 +310,7 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
         path = MODELS_DIR / source
     labels: list[str] = []
     sampling: dict = {}
-    stats, blend = None, 1.0
+    stats, blend, trained = None, 1.0, True
     if path.is_file():
         weights.verify(path)
         raw = _torch_load(path)
@@ -302,13 +338,13 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
         hint = f" (official weights: hiera-perception fetch-weights {source} --accept-license)" if weights.find_entry(source) else ""
         log.warning("model %s: random weights, no checkpoint%s", source, hint)
         model = Hiera(get_config(source))
-        model_id, version = source, 0
+        model_id, version, trained = f"{source}-random", 0, False  # never the id or labels of trained weights
     else:
         raise ValueError(
             f"model source {source!r} is neither a file, a file in {MODELS_DIR}, a fetched official checkpoint "
             f"nor a config name ({', '.join(CONFIGS)})"
         )
-    if not labels and model.config.num_classes == 400:
+    if not labels and model.config.num_classes == 400 and trained:
         labels = weights.kinetics400_labels()  # official K400 heads publish names, not indices
     model.labels = labels
     model.model_id = model_id

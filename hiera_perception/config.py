@@ -69,7 +69,12 @@ class HieraConfig:
 
     @property
     def stage_dims(self) -> tuple[int, ...]:
-        return tuple(int(self.embed_dim * self.dim_mul**i) for i in range(len(self.stages)))
+        """Width of each stage, rounded down stage by stage as the model builds it (not C * dim_mul**i:
+        embed_dim 33 at dim_mul 1.5 gives 73 then 109, the closed form 74 then 111)."""
+        dims = [self.embed_dim]
+        for _ in self.stages[1:]:
+            dims.append(int(dims[-1] * self.dim_mul))
+        return tuple(dims)
 
     @property
     def num_features(self) -> int:

@@ -14,7 +14,8 @@ One mask convention throughout: `keep` [B, M] bool, True = the unit is visible t
 
 `HieraMAE(config)` builds a fresh encoder (with `config.mae_q_pool`, 2 for the official models);
 `HieraMAE(config, encoder=model)` wraps an existing encoder, sharing its parameters, so adapting it
-changes the very module that serves (its head and norm stay untouched by the MAE loss).
+changes the very module that serves (its head and norm stay untouched by the MAE loss); everything,
+the decoder included, is built from `model.config`, so `config` is refused if its decoder differs.
 """
 
 from __future__ import annotations
@@ -39,14 +40,20 @@ class MAEOutput:
     keep: torch.Tensor  # [B, M] bool, True = visible mask unit
 
 
+def _decoder_fields(cfg: HieraConfig) -> dict[str, int]:
+    return {f: getattr(cfg, f) for f in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+
+
 class HieraMAE(nn.Module):
     def __init__(self, config: HieraConfig, encoder: Hiera | None = None):
         super().__init__()
-        if encoder is None:
+        fresh = encoder is None
+        if fresh:
             encoder = Hiera(config.replace(q_pool=config.mae_q_pool, num_classes=0))
-            fresh = True
-        else:
-            fresh = False
+        elif (wanted := _decoder_fields(config)) != (has := _decoder_fields(encoder.config)):
+            # the decoder is built from encoder.config, which a checkpoint of this MAE stores
+            raise ValueError(f"HieraMAE: config {config.name} asks for decoder {wanted}, the encoder's config has "
+                             f"{has}; pass encoder.config (or an encoder built with those decoder fields)")
         self.encoder = encoder
         cfg = self.config = encoder.config
         q_pool, qs = cfg.q_pool, cfg.q_stride
@@ -159,8 +166,9 @@ class HieraMAE(nn.Module):
             )
         if n_keep is None:
             counts = keep.sum(dim=1)
-            if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
-                raise ValueError(f"every sample must keep the same, non-zero number of mask units; got {counts.tolist()}")
+            if bool((counts != counts[0]).any()) or not 0 < int(counts[0]) < self.config.num_mask_units:
+                raise ValueError(f"every sample must keep the same number of mask units, at least one and fewer "
+                                 f"than all {self.config.num_mask_units}; got {counts.tolist()}")
             n_keep = int(counts[0])
         pred, token_keep = self.decode(self.encode(x, keep, n_keep), keep)
         # the dropped tokens, in order: [B, N_dropped] indices, N_dropped = N - kept units x their tokens
@@ -173,5 +181,9 @@ class HieraMAE(nn.Module):
 
     def forward(self, x: torch.Tensor, mask_ratio: float = 0.9, generator: torch.Generator | None = None) -> MAEOutput:
         """MAE with a fresh random mask dropping `mask_ratio` of the mask units."""
+        n_keep, M = self.encoder.units_kept(mask_ratio), self.config.num_mask_units
+        if n_keep == M:  # the loss would be the mean over no patches: NaN
+            raise ValueError(f"mask_ratio {mask_ratio} masks 0 of {self.config.name}'s {M} mask units; "
+                             "the MAE loss needs a ratio > 0")
         keep = self.encoder.random_keep(x.shape[0], mask_ratio, device=x.device, generator=generator)
-        return self.forward_keep(x, keep, self.encoder.units_kept(mask_ratio))
+        return self.forward_keep(x, keep, n_keep)

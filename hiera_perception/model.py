@@ -326,6 +326,9 @@ class Hiera(nn.Module):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         M = self.config.num_mask_units
         n_keep = self.units_kept(mask_ratio)
+        if n_keep == 0:  # the masked trunk would run on no tokens at all
+            raise ValueError(f"mask_ratio {mask_ratio} keeps 0 of {self.config.name}'s {M} mask units visible; "
+                             f"at most 1 - 1/{M} = {1 - 1 / M:g} keeps one")
         noise = torch.rand(batch, M, device=device, generator=generator)
         ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each unit's noise; the n_keep lowest are kept
         return ranks < n_keep

@@ -49,8 +49,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hiera_perception import checkpoint, weights
 from hiera_perception.adaptation import STATS_CLIPS, feature_stats
-from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model, resolve_device, save_checkpoint
+from hiera_perception.checkpoint import (CheckpointError, load_checkpoint, load_model, load_official, resolve_device,
+                                         save_checkpoint)
 from hiera_perception.config import CONFIGS, get_config
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
@@ -167,16 +169,28 @@ class _EpochBatches(torch.utils.data.Sampler):
 def _load_init(source: str, arch: str | None) -> tuple[torch.nn.Module, dict]:
     """An --init source -> (Hiera or HieraMAE with its weights, metadata: labels, model_id, sampling, kind)."""
     path = Path(source)
+    if not path.is_file() and (checkpoint.MODELS_DIR / source).is_file():  # where load_model looks next
+        path = checkpoint.MODELS_DIR / source
+    if not path.is_file():
+        path = weights.resolve(source) or path  # a fetched official checkpoint's name
+    if not path.is_file():  # a config name: random weights (load_model warns), trained under the config's name
+        enc = load_model(source, device="cpu").train()
+        return enc, {"labels": [], "model_id": "", "sampling": {}, "history": [], "kind": "encoder"}
     try:
-        ck = load_checkpoint(path) if path.is_file() else None
+        ck = load_checkpoint(path)
     except CheckpointError as e:
         if "not a hiera_perception checkpoint" not in str(e):
             raise
-        ck = None  # an official .pth: load_model below
-    if ck is None:
-        enc = load_model(source, arch=arch, device="cpu").train()
-        return enc, {"labels": list(enc.labels), "model_id": enc.model_id, "sampling": dict(enc.sampling),
-                     "history": [], "kind": "encoder"}
+        entry = weights.entry_for_path(path)
+        arch = arch or (entry.config if entry else None)
+        if arch is None:
+            raise ValueError(f"{path} is an official checkpoint: name its config with --arch, one of "
+                             f"{', '.join(CONFIGS)}")
+        # an official MAE keeps its decoder and its encoder's pooling (mae_q_pool); a fine-tuned file is an encoder
+        model = load_official(path, arch, mae=None).train()
+        kind = "mae" if isinstance(model, HieraMAE) else "encoder"
+        labels = weights.kinetics400_labels() if model.config.num_classes == 400 else []
+        return model, {"labels": labels, "model_id": arch, "sampling": {}, "history": [], "kind": kind}
     enc = Hiera(ck.config)
     history = list(ck.extra.get("history", [])) + ([ck.extra["train"]] if "train" in ck.extra else [])
     meta = {"labels": ck.labels, "model_id": ck.model_id, "sampling": dict(ck.extra.get("sampling", {})),
@@ -277,9 +291,7 @@ def _dataset(args, cfg, stride: float, labelled: bool):
 
         if labelled:
             raise ValueError("finetune needs labelled clips: give --data DIR (a bag has no labels)")
-        if not args.topic:
-            raise ValueError("--bag needs --topic, the camera's image topic")
-        ds = BagClips(args.bag, args.topic, T, stride, S)
+        ds = BagClips(args.bag, args.topic, T, stride, S)  # no --topic: the bag's only image topic
         return ds, list(range(len(ds))), []
     from hiera_perception.dataset import ClipDataset
 
@@ -415,7 +427,8 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
         log.info("%s is a finished run (%s steps); nothing to resume", out, done)
         return TrainResult(out, done, done, complete=True)
     enc = model.encoder if isinstance(model, HieraMAE) else model
-    stride = float(args.frame_stride or meta["sampling"].get("frame_stride_s") or DEFAULT_FRAME_STRIDE_S)
+    stride = float(args.frame_stride if args.frame_stride is not None
+                   else meta["sampling"].get("frame_stride_s") or DEFAULT_FRAME_STRIDE_S)
     ds, indices, classes = _dataset(args, enc.config, stride, labelled=command == "finetune")
     model, enc, labels = _prepare(model, enc, args, meta, state, classes)
     model_id = args.model_id or meta["model_id"] or enc.config.name
@@ -471,7 +484,7 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
     bar = tqdm(total=total, initial=step, desc=command, unit="step", file=sys.stderr,
                disable=not procs.main or args.no_progress)
     losses: list[float] = []
-    stop_at = min(total, args.stop_at) if args.stop_at else total
+    stop_at = min(total, args.stop_at) if args.stop_at is not None else total
     ddp: torch.nn.Module | None = None
     frozen: bool | None = None
     t_run = time.monotonic()
@@ -562,8 +575,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str | None = None) -
     src = data.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="data folder (labels.csv beside the videos)" + ("; labels are ignored" if pre else ""))
     if pre:
-        src.add_argument("--bag", help="rosbag2 folder (or file) to take unlabeled clips from; with --topic")
-        data.add_argument("--topic", help="image topic in --bag (sensor_msgs/Image or CompressedImage)")
+        src.add_argument("--bag", help="rosbag2 folder (or file) to take unlabeled clips from")
+        data.add_argument("--topic", help="image topic in --bag (sensor_msgs/Image or CompressedImage; default: "
+                          "its only image topic)")
     data.add_argument("--frame-stride", type=float, default=None,
                       help=f"seconds between a clip's frames (default: --init's, else {DEFAULT_FRAME_STRIDE_S})")
     data.add_argument("--clips-per-video", type=int, default=1, help="random clips per video per epoch (default 1)")
@@ -625,6 +639,16 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("frame_stride", "stop_at"):  # None: the default; 0 would mean nothing
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.lr > 0:  # a negative lr climbs the loss; lr 0 trains nothing
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for name in ("weight_decay", "clip_grad"):  # clip_grad 0 = off
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.layer_decay <= 1.0:  # below 0 the layers' lrs alternate in sign
+        raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if not 0.0 <= args.warmup < 1.0:
         raise ValueError(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
     if args.workers < 0:

@@ -6,12 +6,14 @@ only check which source `load_model` recognises and what it attaches (labels, id
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import struct
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,6 +259,30 @@ def test_official_file_with_arch(tmp_path):
         assert torch.equal(loaded(x).logits, model(x).logits)
 
 
+class _Custom:  # any class outside the weights-only allowlist; its unpickling could run code
+    pass
+
+
+def test_official_file_with_training_metadata(tmp_path):
+    # FAIR training files keep numpy numbers and the run's argparse.Namespace beside the weights.
+    model = tiny(num_classes=5)
+    meta = {"epoch": np.int64(30), "best_acc": np.float32(0.8), "curve": np.arange(3.0),
+            "args": argparse.Namespace(lr=1.6e-3, model="hiera_tiny", flags=[np.bool_(True)])}
+    path = tmp_path / "trained.pth"
+    torch.save({"model_state": model.state_dict(), **meta}, path)
+    assert same_state(load_model(path, arch=TINY, device="cpu").state_dict(), model.state_dict())
+    # the same, written under numpy 1 (as the official files were): numpy.core, not numpy._core
+    torch.save({"model_state": model.state_dict(), **meta}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()  # a legacy (non-zip) file: its pickles end at STOP, so a name may change length
+    assert b"numpy._core.multiarray" in data
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert same_state(load_model(path, arch=TINY, device="cpu").state_dict(), model.state_dict())
+    torch.save({"model_state": model.state_dict(), "hook": _Custom()}, path)
+    with pytest.raises(CheckpointError, match=r"trained\.pth: holds unsupported objects \(.*_Custom\)") as e:
+        load_model(path, arch=TINY, device="cpu")
+    assert "corrupt" not in str(e.value)
+
+
 def test_official_file_recognised_by_its_name(tmp_path):
     entry = weights.find_entry("hiera_base_16x224")
     path = tmp_path / entry.filename  # hiera_base_16x224.pth, holding tiny weights
@@ -304,7 +330,15 @@ def test_config_name_gives_random_weights_with_a_warning(caplog):
         logger.removeHandler(caplog.handler)
     assert any("random weights" in r.getMessage() and TINY in r.getMessage() for r in caplog.records)
     assert isinstance(model, Hiera) and model.config == CONFIGS[TINY]
-    assert model.model_id == TINY and model.version == 0 and model.labels == [] and model.source_path is None
+    assert model.model_id == f"{TINY}-random" and model.version == 0 and model.labels == []  # not a trained model's
+    assert model.source_path is None
+
+
+def test_random_weights_of_an_official_config_do_not_pass_for_the_model(tmp_path, monkeypatch):
+    # Not fetched: random weights, whose id and labels must not look like the Kinetics-400 model's.
+    monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path))
+    model = load_model("hiera_base_16x224", device="cpu")
+    assert model.config.num_classes == 400 and model.model_id == "hiera_base_16x224-random" and model.labels == []
 
 
 def test_unknown_source_lists_the_options(tmp_path, monkeypatch):
@@ -330,7 +364,18 @@ def test_k400_head_gets_kinetics_names(tmp_path):
     assert load_model(ours, device="cpu").labels == named
 
 
-def test_resolve_device():
+def test_resolve_device(monkeypatch):
     assert checkpoint.resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert checkpoint.resolve_device("auto").type == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=f"device {device} requested but no CUDA GPU is available"):
+            checkpoint.resolve_device(device)
+    with pytest.raises(ValueError, match="no CUDA GPU"):  # before building anything
+        load_model(TINY, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert checkpoint.resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"device cuda:1 requested but only 1 CUDA GPU\(s\)"):
+        checkpoint.resolve_device("cuda:1")

@@ -144,3 +144,37 @@ def test_small_mae_forward_shapes(name):
     assert tuple(out.pred.shape) == (rows, pred_stride**2 * config.in_chans)
     assert tuple(out.label.shape) == tuple(out.pred.shape)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_stage_widths_round_down_stage_by_stage():
+    # 33 x 1.5 = 49.5 -> 49, 49 x 1.5 = 73.5 -> 73 (the closed form 33 x 1.5**2 = 74.25 says 74), as the model builds
+    config = get_config("hiera_tiny_8x64", embed_dim=33, dim_mul=1.5, head_mul=1.0)
+    model = Hiera(config)
+    assert config.stage_dims == (33, 49, 73, 109) == tuple(model.blocks[e].dim_out for e in model.stage_ends)
+    assert config.num_features == model.norm.normalized_shape[0]
+    x = torch.randn(1, 3, *config.input_size, generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(HieraMAE(config)(x, mask_ratio=0.75).loss)  # its fusion heads follow stage_dims
+
+
+@pytest.mark.parametrize("ratio", [0.95, 0.0])  # of 16 mask units 0.95 keeps none, 0 masks none
+def test_mask_ratio_that_keeps_or_masks_no_unit_is_named(ratio):
+    config = get_config("hiera_tiny_8x64")
+    mae = HieraMAE(config)
+    x = torch.randn(1, 3, *config.input_size)
+    what = "keeps 0" if ratio > 0.5 else "masks 0"
+    with pytest.raises(ValueError, match=f"mask_ratio {ratio} {what} of hiera_tiny_8x64's 16 mask units"):
+        mae(x, mask_ratio=ratio)
+    if ratio > 0.5:
+        with pytest.raises(ValueError, match=f"mask_ratio {ratio} keeps 0 of hiera_tiny_8x64's 16 mask units"):
+            mae.encoder.random_keep(1, ratio)
+    else:
+        assert mae.encoder.random_keep(1, ratio).all()  # the encoder alone may keep everything
+        with pytest.raises(ValueError, match="fewer than all 16"):
+            mae.forward_keep(x, mae.encoder.random_keep(1, ratio))
+
+
+def test_wrapped_encoder_with_other_decoder_fields_is_refused():
+    enc = Hiera(get_config("hiera_tiny_8x64"))
+    assert HieraMAE(enc.config, encoder=enc).decoder_embed.out_features == enc.config.decoder_embed_dim
+    with pytest.raises(ValueError, match="asks for decoder .*'decoder_depth': 3.* the encoder's config has"):
+        HieraMAE(enc.config.replace(decoder_depth=3), encoder=enc)

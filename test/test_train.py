@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hiera_perception.checkpoint import load_checkpoint, load_model
-from hiera_perception.config import get_config
+from hiera_perception.config import CONFIGS, get_config
 from hiera_perception.mae import HieraMAE
 from hiera_perception.preprocess import preprocess_clip
 from hiera_perception.synth import ACTIONS, write_dataset
@@ -94,8 +94,9 @@ def test_only_classes_trains_a_curriculum_stage_that_the_next_stage_continues(pr
     summary = load_checkpoint(stage1).extra["train"]
     assert (summary["clips"], summary["steps"], summary["only_classes"]) == (4, 4, ["swipe_left", "swipe_right"])
     assert r1.complete and load_model(stage1, device="cpu").labels == sorted(ACTIONS)
-    # stage 2 at lr 0: one step that moves nothing, so its checkpoint shows what --init handed it
-    r2 = train(make_args("finetune", *common[:4], "--lr", "0", *common[6:], "--init", str(stage1), "--out",
+    # stage 2 at lr 1e-30 (lr 0 is refused): one step too small to move a float32 weight, so its checkpoint
+    # shows what --init handed it
+    r2 = train(make_args("finetune", *common[:4], "--lr", "1e-30", *common[6:], "--init", str(stage1), "--out",
                          str(stage2), "--steps", "1"))
     assert r2.complete and load_checkpoint(stage2).extra["train"]["clips"] == 16
     head1, head2 = (load_checkpoint(p).model_state["head.projection.weight"] for p in (stage1, stage2))
@@ -115,6 +116,27 @@ def test_finetune_init_takes_the_mae_encoder(pretrained):
             assert torch.equal(v, enc_state[k]), k
 
 
+def test_pretrain_init_from_an_official_mae_keeps_its_decoder(data, tmp_path, monkeypatch):
+    # Like the 16x224 models, the classifier pools queries 3 times and the official MAE's encoder twice.
+    cfg = get_config("hiera_tiny_8x64").replace(name="tiny_q3", q_pool=3)
+    monkeypatch.setitem(CONFIGS, "tiny_q3", cfg)
+    torch.manual_seed(0)
+    mae = HieraMAE(cfg)
+    # the official MAE layout (test_checkpoint.py): encoder keys at the top level, no final norm, no head
+    state = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items()
+             if not k.startswith(("encoder.norm.", "encoder.head."))}
+    path = tmp_path / "official_mae.pth"
+    torch.save({"model_state": state}, path)
+    model, meta = _load_init(str(path), "tiny_q3")
+    assert isinstance(model, HieraMAE) and meta["kind"] == "mae" and model.config.q_pool == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in mae.state_dict().items() if "decoder" in k)
+    out = tmp_path / "pre.pt"
+    train(make_args("pretrain", "--data", str(data), "--init", str(path), "--arch", "tiny_q3", "--out", str(out),
+                    "--steps", "1", "--batch", "4", "--lr", "1e-30"))  # a step that moves no weight
+    ck = load_checkpoint(out)
+    assert ck.config.q_pool == 2 and torch.equal(ck.model_state["decoder_pred.weight"], state["decoder_pred.weight"])
+
+
 def test_clips_to_input_matches_preprocess_clip():
     rng = np.random.default_rng(0)
     clips = rng.integers(0, 256, (3, 8, 16, 16, 3), dtype=np.uint8)
@@ -126,9 +148,9 @@ def test_clips_to_input_matches_preprocess_clip():
 
 def test_joint_finetune_adds_the_weighted_mae_loss_and_trains_the_decoder(pretrained, data, tmp_path):
     common = ["--data", str(data), "--init", str(pretrained[0]), "--batch", "4", "--seed", "2", "--mask-ratio", "0.75"]
-    # At lr 0 nothing moves, so every run sees the same weights, clips and masks: the MAE term is exactly linear
-    # in its weight, and a plain finetune run is the same run at weight 0.
-    frozen = [train(make_args("finetune", *common, "--lr", "0", "--steps", "3", "--out", str(tmp_path / f"w{w}.pt"),
+    # At lr 1e-30 nothing moves (lr 0 is refused), so every run sees the same weights, clips and masks: the MAE
+    # term is exactly linear in its weight, and a plain finetune run is the same run at weight 0.
+    frozen = [train(make_args("finetune", *common, "--lr", "1e-30", "--steps", "3", "--out", str(tmp_path / f"w{w}.pt"),
                               *(["--mae-weight", str(w)] if w else []))).losses for w in (0, 1, 3)]
     mae_1 = np.subtract(frozen[1], frozen[0])
     np.testing.assert_allclose(np.subtract(frozen[2], frozen[0]), 3 * mae_1, rtol=1e-4)
@@ -222,6 +244,17 @@ def test_bad_options_are_named(data, tmp_path):
         make_args("pretrain", "--data", str(data), "--out", "x", "--config", "hiera_tiny_8x64", "--init", "y")
     with pytest.raises(ValueError, match="mask-ratio"):
         make_args("pretrain", "--data", str(data), "--out", "x", "--config", "hiera_tiny_8x64", "--mask-ratio", "1")
+    base = ("--data", str(data), "--out", "x")
+    for option, error in [("--lr=-3e-3", "--lr must be > 0, got -0.003"), ("--lr=0", "--lr must be > 0, got 0.0"),
+                          ("--weight-decay=-0.05", "--weight-decay must be >= 0, got -0.05"),
+                          ("--clip-grad=-1", "--clip-grad must be >= 0, got -1.0"),
+                          ("--layer-decay=-0.75", r"--layer-decay must be in \(0, 1\], got -0.75"),
+                          ("--layer-decay=1.5", r"--layer-decay must be in \(0, 1\], got 1.5"),
+                          ("--frame-stride=0", "--frame-stride must be > 0, got 0.0"),
+                          ("--stop-at=0", "--stop-at must be > 0, got 0")]:  # "=": "-3e-3" alone reads as an option
+        with pytest.raises(ValueError, match=error):
+            make_args("finetune", *base, option)
+    make_args("finetune", *base, "--clip-grad", "0", "--weight-decay", "0")  # 0: no clipping, no decay
     with pytest.raises(ValueError, match="--mae-weight must be >= 0"):
         make_args("finetune", "--data", str(data), "--out", "x", "--mae-weight", "-1")
     with pytest.raises(ValueError, match="cannot go with --freeze-encoder"):
