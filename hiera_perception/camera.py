@@ -33,7 +33,7 @@ from rclpy.task import Future
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from hiera_perception.ros_params import declare_all, describe, spin_node
+from hiera_perception.ros_params import declare_all, describe, on_parameters, spin_node
 from hiera_perception.synth import SEGMENT_S, SyntheticCamera
 
 __all__ = ["CameraPublisher", "CameraConfig", "format_true_action", "parse_true_action", "node_main",
@@ -244,8 +244,7 @@ class CameraPublisher(Node):
         self._truth_pub = self.create_publisher(String, "~/true_action", 30) if cfg.synthetic else None
         self._timer = None
         self._start_timer(cfg.fps)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+        on_parameters(self, self._apply_parameters, self._validate_parameters)
         source = cfg.video_path or (f"camera {cfg.camera_index}" if cfg.camera_index >= 0 else "synthetic camera")
         self.get_logger().info(f"publishing {source} on {self._pub.topic_name} at {self._fps:.4g} fps, "
                                f"frame_id {cfg.frame_id!r}")

@@ -19,6 +19,7 @@ Shape follows ros2/examples (minimal_subscriber, main) and ros2/demos (parameter
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -34,7 +35,7 @@ from hiera_perception_msgs.msg import ActionFeatures
 from std_msgs.msg import String
 
 from hiera_perception.ros_params import describe as _desc
-from hiera_perception.ros_params import spin_node
+from hiera_perception.ros_params import on_parameters, spin_node
 
 __all__ = ["ActionDecider", "ConsumerConfig", "ActionConsumer", "STOP", "main"]
 
@@ -70,12 +71,24 @@ class ActionDecider:
     """Clips in, the action to act on out. Times are seconds on any one clock the caller keeps to."""
 
     def __init__(self, config: ConsumerConfig):
-        config.validate()
+        self._streak: deque[float] = deque(maxlen=1)  # top scores of the latest clips that agree (see config)
         self.config = config
         self.action: str | None = None  # the action acted on; None = stop
         self._candidate: str | None = None  # what the latest clips agree on (None = no clear action)
-        self._streak: list[float] = []  # their top scores
         self._last_clip_s: float | None = None  # None: no clip since start or since the last timeout
+
+    @property
+    def config(self) -> ConsumerConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: ConsumerConfig) -> None:
+        """Validated. The streak keeps the largest hysteresis_clips set so far: a streak that reached the
+        hysteresis in force made its candidate the action, and then its scores no longer matter, so the
+        decisions are those of an unbounded streak."""
+        config.validate()
+        self._config = config
+        self._streak = deque(self._streak, maxlen=max(config.hysteresis_clips, self._streak.maxlen))
 
     @property
     def command(self) -> Command:
@@ -88,21 +101,24 @@ class ActionDecider:
         confident = bool(labels) and len(scores) > 0 and scores[0] >= self.config.threshold
         candidate = labels[0] if confident else None
         if candidate != self._candidate:
-            self._candidate, self._streak = candidate, []
+            self._candidate = candidate
+            self._streak.clear()
         self._streak.append(float(scores[0]) if confident else 0.0)
         if len(self._streak) < self.config.hysteresis_clips or candidate == self.action:
             return None
         previous, self.action = self.action, candidate
         if candidate is None:
             return f"no clear action any more (was: {self.config.phrase(previous)})"
-        score = sum(self._streak[-self.config.hysteresis_clips:]) / self.config.hysteresis_clips
+        n = self.config.hysteresis_clips
+        score = sum(list(self._streak)[-n:]) / n
         return f"{self.config.phrase(candidate)} ({score:.2f})"
 
     def on_tick(self, now_s: float) -> str | None:
         """Call regularly: stops at once when no clip came for `timeout_s`; returns the event line then."""
         if self._last_clip_s is None or now_s - self._last_clip_s < self.config.timeout_s:
             return None
-        self._last_clip_s, self._candidate, self._streak = None, None, []
+        self._last_clip_s, self._candidate = None, None
+        self._streak.clear()
         previous, self.action = self.action, None
         event = f"no action features for {self.config.timeout_s:g} s"
         return f"{event}; stopping (was: {self.config.phrase(previous)})" if previous else event
@@ -156,7 +172,7 @@ class ActionConsumer(Node):
             phrases={lb: self.get_parameter(f"phrases.{lb}").value for lb in labels},
         )
         self.decider = ActionDecider(config)  # raises ValueError naming a bad command
-        self.add_post_set_parameters_callback(self._apply_parameters)  # ranges are checked by the descriptors
+        on_parameters(self, self._apply_parameters)  # ranges and read-only are checked by the descriptors
         if not labels:
             self.get_logger().warning("no labels configured: every action means stop "
                                       "(pass --params-file config/consumer.yaml)")

@@ -358,7 +358,9 @@ def _run(args: argparse.Namespace, stats: DemoStats, children: dict[str, subproc
     from rclpy.signals import SignalHandlerOptions
 
     # No rclpy signal handler: Ctrl-C raises KeyboardInterrupt here, and main() stops the children itself.
-    with rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO):
+    # Not `with rclpy.init()`: a context manager only since Kilted.
+    rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)
+    try:
         printer = _make_printer(args, stats)
         executor = SingleThreadedExecutor()
         executor.add_node(printer)
@@ -381,3 +383,5 @@ def _run(args: argparse.Namespace, stats: DemoStats, children: dict[str, subproc
                     return 0
         finally:
             printer.destroy_node()
+    finally:
+        rclpy.try_shutdown()

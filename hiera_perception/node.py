@@ -44,14 +44,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.task import Future
+
+try:
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from hiera_perception_msgs.msg import ActionFeatures
@@ -67,13 +70,11 @@ from hiera_perception.engine import Engine
 from hiera_perception.node_config import PARAMETERS, ConfigError, NodeConfig, config_from
 from hiera_perception.online import (LiveAdaptation, TeachJob, default_adaptation_dir, default_prototypes_file,
                                      resume_serving)
-from hiera_perception.ros_params import declare_all, spin_node
+from hiera_perception.ros_params import declare_all, on_parameters, spin_node
 
 __all__ = ["PerceptionNode", "NodeConfig", "ConfigError", "main"]
 
 NODE_NAME = "hiera_perception"
-DIAGNOSTIC_NAME = "hiera_perception: pipeline"
-ADAPTATION_DIAGNOSTIC_NAME = "hiera_perception: adaptation"
 _LATENCY_WINDOW = 256  # clips the latency percentiles are taken over
 _WARN_EVERY_S = 5.0  # throttle of per-frame warnings
 _SUMMARY_EVERY_S = 10.0  # throttle of the info summary
@@ -105,9 +106,11 @@ class PerceptionNode(Node):
         self._core_log = _ToRosLogger(self.get_logger())
         logging.getLogger("hiera_perception").addHandler(self._core_log)
         logging.getLogger("hiera_perception").setLevel(logging.INFO)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+        on_parameters(self, self._apply_parameters)  # the descriptors refuse the rest: read-only, ranges
         cfg = self.config
+        # Statuses named after this node, so that two instances (front and rear camera) stay apart.
+        fqn = self.get_fully_qualified_name()
+        self._diagnostic_names = (f"{fqn}: pipeline", f"{fqn}: adaptation")
 
         try:
             base = load_model(cfg.model or None, arch=cfg.arch or None, device=cfg.device)
@@ -116,7 +119,7 @@ class PerceptionNode(Node):
         self._prototypes_file = Path(cfg.prototypes_file).expanduser() if cfg.prototypes_file \
             else default_prototypes_file(base)
         self._adaptation_dir = Path(cfg.adaptation_dir).expanduser() if cfg.adaptation_dir \
-            else default_adaptation_dir(base.model_id)
+            else default_adaptation_dir(base.model_id, fqn)
         model, mae_state, reference = base, None, None
         if cfg.adaptation_enabled and cfg.adaptation_resume:
             try:
@@ -134,6 +137,11 @@ class PerceptionNode(Node):
             raise ConfigError(f"parameter prototypes_file {str(self._prototypes_file)!r}: {e}") from None
         stride = cfg.frame_stride_s or self._engine.frame_stride_s
         self._buffer = ClipBuffer(self._engine.num_frames, stride, cfg.hop_s, cfg.max_gap_s, self._engine.size)
+        # No frame, or frames but no clip, for this long is a fault in /diagnostics: several hops, and twice
+        # what the first clip after a gap takes to fill.
+        self._stale_s = max(2.0, 4 * cfg.hop_s, 2 * (self._engine.num_frames - 1) * stride)
+        # time.monotonic() of the last frame and of the first frame after a silence (executor thread only)
+        self._last_frame = self._frames_since = time.monotonic()
 
         # Shared with the worker thread, guarded by _cond.
         self._cond = threading.Condition()
@@ -144,6 +152,7 @@ class PerceptionNode(Node):
         self._counts = Counter()  # frames, bad, frames_lost, queue_drops, published, inference_errors
         self._bad: Counter[str] = Counter()  # bad frames per reason
         self._last_report = (time.monotonic(), Counter(), {})  # (time, counts, buffer counters) at the last report
+        self._last_clip = time.monotonic()  # of the last clip published (or of the start)
         self._working = False  # the worker holds a batch, a swap or a teach job (the Adapter yields meanwhile)
         self._teach_job: TeachJob | None = None
         self._next_panel = 0.0  # time.monotonic() of the next ~/reconstruction image (worker only)
@@ -216,20 +225,6 @@ class PerceptionNode(Node):
 
     # ------------------------------------------------------------------ parameters
 
-    def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        for p in params:
-            if p.name == "top_k":
-                if not (isinstance(p.value, int) and 1 <= p.value <= 1000):
-                    return SetParametersResult(successful=False, reason=f"top_k must be 1..1000, got {p.value!r}")
-            elif p.name == "adaptation.enabled":
-                return SetParametersResult(
-                    successful=False, reason="adaptation.enabled is read at start: use the ~/adaptation/enable service")
-            elif p.name in PARAMETERS:
-                return SetParametersResult(
-                    successful=False,
-                    reason=f"{p.name} cannot change while the node runs (restart it with the new value)")
-        return SetParametersResult(successful=True)
-
     def _apply_parameters(self, params: list[Parameter]) -> None:
         for p in params:
             if p.name == "top_k":
@@ -242,6 +237,9 @@ class PerceptionNode(Node):
     def _on_image(self, msg: Image | CompressedImage) -> None:
         """Convert, push, enqueue finished clips. Never raises: every failure is a counted bad frame."""
         received = time.monotonic()
+        if received - self._last_frame > self._stale_s:
+            self._frames_since = received  # frames again after a silence: the clips start over
+        self._last_frame = received
         try:
             stamp = msg.header.stamp
             if stamp.sec < 0 or stamp.nanosec >= 1_000_000_000:
@@ -287,10 +285,11 @@ class PerceptionNode(Node):
         while True:
             with self._cond:
                 self._working = False
-                job = self._teach_job
-                # A teach job's deadline passes without a notify: wake up for it.
-                timeout = None if job is None else max(0.0, job.until - time.monotonic()) + 0.01
-                self._cond.wait_for(self._has_work, timeout)
+                # A teach job's deadline passes without a notify: wake up for it. Read again after every
+                # wake-up: the notify of a new teach job finds us waiting without a deadline.
+                while not self._has_work():
+                    job = self._teach_job
+                    self._cond.wait(None if job is None else max(0.0, job.until - time.monotonic()) + 0.01)
                 if self._stop:
                     return
                 batch = list(self._queue)  # everything waiting: one batched forward pass
@@ -401,6 +400,7 @@ class PerceptionNode(Node):
         with self._cond:
             self._counts["published"] += 1
             self._latencies.append(latency)
+            self._last_clip = time.monotonic()
         self.get_logger().debug(f"clip {clip.epoch}/{clip.index}: {result.labels[:1]} latency {latency * 1e3:.1f} ms")
         return True
 
@@ -500,12 +500,14 @@ class PerceptionNode(Node):
     # ------------------------------------------------------------------ diagnostics
 
     def _report(self) -> None:
-        """Publish one DiagnosticStatus with rates over the last period; WARN while frames are lost or bad."""
+        """Publish one DiagnosticStatus with rates over the last period; WARN while frames are lost or bad, and
+        while no frame, or no clip, came for `_stale_s`."""
         now = time.monotonic()
         with self._cond:
             counts, bad = Counter(self._counts), dict(self._bad)
             latencies = np.array(self._latencies, dtype=np.float64)
             depth = len(self._queue)
+            last_clip = self._last_clip
         buffer = self._buffer.counters()
         then, before, buffer_before = self._last_report
         self._last_report = (now, counts, buffer)
@@ -528,7 +530,14 @@ class PerceptionNode(Node):
         good = delta["frames"] - delta["bad"]
         if good and buffer["duplicates"] - buffer_before.get("duplicates", 0) == good:
             problems.append("every frame had its predecessor's stamp: is the camera stamping its frames?")
-        status = DiagnosticStatus(name=DIAGNOSTIC_NAME, hardware_id=str(self._engine.device))
+        frame_age, clip_age = now - self._last_frame, now - max(last_clip, self._frames_since)
+        if frame_age > self._stale_s:
+            problems.append(f"no frame on {self._sub.topic_name} for {frame_age:.0f} s: is the camera publishing?")
+        elif clip_age > self._stale_s:
+            resets = buffer["resets"] - buffer_before.get("resets", 0)
+            problems.append(f"frames arrive but no clip was published for {clip_age:.0f} s" + (
+                f" ({resets} clip buffer resets: stamps jumping or going back?)" if resets else ""))
+        status = DiagnosticStatus(name=self._diagnostic_names[0], hardware_id=str(self._engine.device))
         if problems:
             status.level, status.message = DiagnosticStatus.WARN, "; ".join(problems)
         elif counts["frames"] == 0:
@@ -545,6 +554,8 @@ class PerceptionNode(Node):
             "frames_lost": counts["frames_lost"],
             "queue_drops": counts["queue_drops"],
             "queue_depth": depth,
+            "seconds_since_frame": f"{frame_age:.1f}" if counts["frames"] else "n/a",
+            "seconds_since_clip": f"{now - last_clip:.1f}" if counts["published"] else "n/a",
             "inference_errors": counts["inference_errors"],
             "bad_frames": counts["bad"],
             **{f"bad_frames.{reason}": n for reason, n in sorted(bad.items())},
@@ -575,7 +586,7 @@ class PerceptionNode(Node):
 
     def _adaptation_status(self) -> DiagnosticStatus:
         """The Adapter's state; WARN when its last round failed (a fault, not a guard rejection)."""
-        status = DiagnosticStatus(name=ADAPTATION_DIAGNOSTIC_NAME, hardware_id=str(self._engine.device),
+        status = DiagnosticStatus(name=self._diagnostic_names[1], hardware_id=str(self._engine.device),
                                   level=DiagnosticStatus.OK)
         live = self._adaptation
         values: dict[str, Any] = {"enabled": False, "serving": self._engine.encoder_version}

@@ -75,8 +75,9 @@ class NodeConfig:
 
 _ADAPT = AdaptationConfig()  # the defaults of the adaptation.* parameters that configure the Adapter
 
-# name -> (default, descriptor). Only top_k can change at run time; the rest need a restart (adaptation on and
-# off at run time: the ~/adaptation/enable service).
+# name -> (default, descriptor). Only top_k can change at run time; the rest need a restart and are read-only
+# (_RUNTIME below), so `ros2 param describe` and rqt_reconfigure show them so (adaptation on and off at run
+# time: the ~/adaptation/enable service).
 PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "model": ("", _desc('Checkpoint file, a file name in models/, a fetched official name, or a config name '
                         '(random weights); "" = the embedded default model')),
@@ -99,11 +100,15 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "diagnostics_period_s": (1.0, _desc("Seconds between /diagnostics reports", 0.1, 3600.0)),
     "frame_id": ("", _desc('Output header.frame_id; "" = the camera\'s frame_id')),
     "prototypes_file": ("", _desc('File of the labels taught with ~/teach; "" = <model file>.prototypes.json '
-                                  'when its folder is writable, else ~/.local/state/hiera_perception/prototypes/')),
+                                  'when its folder is writable, else ~/.local/state/hiera_perception/prototypes/. '
+                                  'Shared by every node serving that model: a label taught to the robot is the '
+                                  "robot's")),
     "adaptation.enabled": (False, _desc("On-device MAE adaptation of the encoder at start (turn it on and off "
                                         "at run time with the ~/adaptation/enable service)")),
     "adaptation.dir": ("", _desc('Folder of the adapted versions (checkpoints, latest.json); "" = '
-                                 '~/.local/state/hiera_perception/adaptation/<model_id>')),
+                                 '~/.local/state/hiera_perception/adaptation/<model_id> for the node '
+                                 '/hiera_perception, .../adaptation/<model_id>/<namespace>/<name> for any other '
+                                 '(each node adapts to its own camera)')),
     "adaptation.resume": (True, _desc("Start from the last accepted version in adaptation.dir (false: from the "
                                       "base model; kept versions stay available to rollback)")),
     "adaptation.reconstruction_period_s": (20.0, _desc(
@@ -143,6 +148,9 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "adaptation.decoder_warmup_rounds": (_ADAPT.decoder_warmup_rounds, _desc(
         "Rounds training a fresh decoder alone, for a model whose checkpoint has no decoder weights", 0, 10000)),
 }
+_RUNTIME = ("top_k",)  # what the node applies at run time; every other parameter is read-only
+for _name, (_, _descriptor) in PARAMETERS.items():
+    _descriptor.read_only = _name not in _RUNTIME
 _ADAPTATION_FIELDS = tuple(n.partition(".")[2] for n in PARAMETERS
                            if n.startswith("adaptation.") and hasattr(_ADAPT, n.partition(".")[2]))
 

@@ -40,9 +40,14 @@ __all__ = ["LiveAdaptation", "TeachJob", "default_adaptation_dir", "default_prot
 log = logging.getLogger(__name__)
 
 
-def default_adaptation_dir(model_id: str) -> Path:
-    """Adapted versions of one model: <state dir>/adaptation/<model_id>."""
-    return state_dir() / "adaptation" / safe_name(model_id)
+def default_adaptation_dir(model_id: str, node: str = "/hiera_perception") -> Path:
+    """Adapted versions of one model on one node (its fully qualified name): <state dir>/adaptation/<model_id>
+    for /hiera_perception (where they always were), <state dir>/adaptation/<model_id>/<namespace>/<name> for any
+    other, so that two cameras' nodes never resume or roll back each other's weights."""
+    folder = state_dir() / "adaptation" / safe_name(model_id)
+    if node.strip("/") == "hiera_perception":
+        return folder
+    return folder.joinpath(*(safe_name(part) for part in node.strip("/").split("/")))
 
 
 def resume_serving(base: Hiera, out_dir: str | os.PathLike, device: str = "auto"

@@ -1,9 +1,11 @@
 """What every node of this package does the same way: parameter descriptors and declaration, and `main`.
 
 ROS layer (imports rclpy). Nodes keep their parameters in a table `name -> (default, descriptor)`, declare it
-with `declare_all` (a bad value becomes a ValueError naming the parameter), and their console scripts run
-through `spin_node`, the ros2/examples `main` shape: a bad configuration exits 2 with one fatal line, Ctrl-C
-exits 0 without a traceback.
+with `declare_all` (a bad value becomes a ValueError naming the parameter), take run-time changes through
+`on_parameters`, and their console scripts run through `spin_node`, the ros2/examples `main` shape: a bad
+configuration exits 2 with one fatal line, Ctrl-C exits 0 without a traceback. Works on Humble and newer: where
+an API differs (post-set callbacks since Iron, `rclpy.init` as a context manager since Kilted) this module uses
+what Humble has.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import rclpy
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.logging import get_logger
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 
-__all__ = ["describe", "declare_all", "spin_node"]
+__all__ = ["describe", "declare_all", "on_parameters", "spin_node"]
 
 
 def describe(description: str, lo: float | None = None, hi: float | None = None,
@@ -44,27 +48,58 @@ def declare_all(node: Node, table: dict[str, tuple[Any, ParameterDescriptor]],
     return {name: node.get_parameter(name).value for name in table}
 
 
+def _accept(params: list[Parameter]) -> SetParametersResult:
+    return SetParametersResult(successful=True)
+
+
+def on_parameters(node: Node, apply: Callable[[list[Parameter]], None],
+                  validate: Callable[[list[Parameter]], SetParametersResult] | None = None) -> None:
+    """Run-time parameter changes, split as in ros2/demos: `validate` (on-set, a reason when it refuses; the
+    descriptors' ranges and read_only are checked before it) and `apply` (post-set). Humble has no post-set
+    callbacks: there `apply` runs in the on-set callback, once `validate` accepted."""
+    validate = validate or _accept
+    if hasattr(node, "add_post_set_parameters_callback"):
+        node.add_on_set_parameters_callback(validate)
+        node.add_post_set_parameters_callback(apply)
+        return
+
+    def validate_then_apply(params: list[Parameter]) -> SetParametersResult:
+        result = validate(params)
+        if result.successful:
+            apply(params)
+        return result
+
+    node.add_on_set_parameters_callback(validate_then_apply)
+
+
 def spin_node(make_node: Callable[[], Node], name: str, args: list[str] | None = None,
               until: Callable[[Node], Any] | None = None) -> int:
     """rclpy.init, the node until Ctrl-C (or until the future `until(node)` completes); 0, or 2 when the node
     refuses its parameters (ValueError)."""
+    rclpy.init(args=args)  # not `with rclpy.init()`: a context manager only since Kilted
     try:
-        with rclpy.init(args=args):
-            try:
-                node = make_node()
-            except ValueError as e:
-                get_logger(name).fatal(str(e))
-                return 2
-            ex = SingleThreadedExecutor()
-            ex.add_node(node)
-            try:
-                if until is None:
-                    ex.spin()
-                else:
-                    ex.spin_until_future_complete(until(node))
-            finally:
-                ex.shutdown()
-                node.destroy_node()
+        try:
+            node = make_node()
+        except ValueError as e:
+            get_logger(name).fatal(str(e))
+            return 2
+        ex = SingleThreadedExecutor()
+        ex.add_node(node)
+        try:
+            if until is None:
+                ex.spin()
+            else:
+                ex.spin_until_future_complete(until(node))
+        finally:
+            ex.shutdown()
+            node.destroy_node()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except _rclpy.RCLError:
+        # Ctrl-C shuts the context down from rclpy's signal thread; between the executor's check and its wait
+        # set that surfaces as "failed to initialize wait set: the given context is not valid" (~1 in 20).
+        if rclpy.ok():
+            raise
+    finally:
+        rclpy.try_shutdown()
     return 0

@@ -5,7 +5,9 @@
     ros2 launch hiera_perception perception.launch.py model:=my_model.pt device:=cuda params_file:=my.yaml
 
 Parameters come from `params_file` (default: the installed config/perception.yaml); `model`, `device` and
-`adaptation`, when given, override it. Left empty they keep the file's values.
+`adaptation`, when given, override it. Left empty they keep the file's values. Included under
+PushRosNamespace("robot1") the node is /robot1/hiera_perception, and the file's `/**/hiera_perception` still
+applies to it.
 """
 
 from __future__ import annotations

@@ -239,6 +239,7 @@ class Harness:
     """A node in the test process: publishes frames, collects ActionFeatures and the node's diagnostics."""
 
     domain: int
+    node_name: str = "/hiera_perception"  # the perception node's fully qualified name (its diagnostics' prefix)
     image_topic: str = "/image"
     compressed: bool = False
     output_topic: str = "/action_features"
@@ -270,7 +271,7 @@ class Harness:
 
     def _on_diagnostics(self, msg) -> None:
         for status in msg.status:
-            if status.name == "hiera_perception: pipeline":
+            if status.name == f"{self.node_name}: pipeline":
                 level = status.level[0] if isinstance(status.level, bytes) else int(status.level)  # byte field
                 self.diagnostics.append((level, status.message, {kv.key: kv.value for kv in status.values}))
 
@@ -307,3 +308,15 @@ class Harness:
         self.executor.shutdown()
         self.node.destroy_node()
         self.context.try_shutdown()
+
+
+def call(harness: Harness, srv_type, name: str, request, proc, timeout_s: float = 60.0):
+    """Call service `name` from the harness node, spinning it (and watching the node's process) for the answer."""
+    client = harness.node.create_client(srv_type, name)
+    try:
+        assert client.wait_for_service(timeout_sec=30.0), f"no service {name}"
+        future = client.call_async(request)
+        assert harness.spin_until(future.done, timeout_s, proc), f"{name}: no answer in {timeout_s} s"
+        return future.result()
+    finally:
+        harness.node.destroy_client(client)

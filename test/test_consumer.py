@@ -79,6 +79,78 @@ def test_timeout_stops_at_once_then_needs_n_clips_again():
     assert d.on_clip(["swipe_left"], [0.9], 21.0) is not None and d.command == LEFT
 
 
+class _UnboundedDecider:
+    """ActionDecider's rules with the streak as an unbounded list (how it was): the reference for the bound."""
+
+    def __init__(self, config):
+        self.config, self.action, self._candidate, self._streak, self._last = config, None, None, [], None
+
+    def on_clip(self, labels, scores, now_s):
+        self._last = now_s
+        confident = bool(labels) and len(scores) > 0 and scores[0] >= self.config.threshold
+        candidate = labels[0] if confident else None
+        if candidate != self._candidate:
+            self._candidate, self._streak = candidate, []
+        self._streak.append(float(scores[0]) if confident else 0.0)
+        h = self.config.hysteresis_clips
+        if len(self._streak) < h or candidate == self.action:
+            return None
+        previous, self.action = self.action, candidate
+        if candidate is None:
+            return f"no clear action any more (was: {self.config.phrase(previous)})"
+        return f"{self.config.phrase(candidate)} ({sum(self._streak[-h:]) / h:.2f})"
+
+    def on_tick(self, now_s):
+        if self._last is None or now_s - self._last < self.config.timeout_s:
+            return None
+        self._last, self._candidate, self._streak = None, None, []
+        previous, self.action = self.action, None
+        event = f"no action features for {self.config.timeout_s:g} s"
+        return f"{event}; stopping (was: {self.config.phrase(previous)})" if previous else event
+
+
+def test_streak_is_bounded_and_decides_as_an_unbounded_one():
+    import random
+    from dataclasses import replace
+
+    d = _decider()
+    for i in range(100_000):  # a steady action: the streak used to grow by one per clip
+        d.on_clip(["wave"], [0.9], i * 0.5)
+    assert d.action == "wave" and len(d._streak) == 3
+
+    # Hysteresis lowered, then raised again, between two clips: the streak of 4 still counts as 4.
+    d = _decider(hysteresis_clips=5)
+    ref = _UnboundedDecider(d.config)
+    for i in range(4):
+        assert d.on_clip(["swipe_left"], [0.9], float(i)) is ref.on_clip(["swipe_left"], [0.9], float(i)) is None
+    for h in (3, 5):
+        d.config = ref.config = replace(d.config, hysteresis_clips=h)
+    assert d.on_clip(["swipe_left"], [0.9], 4.0) == ref.on_clip(["swipe_left"], [0.9], 4.0) == (
+        "someone is doing swipe left (0.90)")
+
+    # The same events as the unbounded streak, over noisy clips, silences and hysteresis changed at run time.
+    rng = random.Random(0)
+    d = _decider()
+    ref = _UnboundedDecider(d.config)
+    now = 0.0
+    for step in range(20_000):
+        r = rng.random()
+        if r < 0.02:
+            config = replace(d.config, hysteresis_clips=rng.randint(1, 8))
+            d.config = ref.config = config
+            continue
+        now += 2.0 if r < 0.03 else 0.1
+        if r < 0.1:
+            assert d.on_tick(now) == ref.on_tick(now), step
+            continue
+        labels = [rng.choice(["wave", "swipe_left", "idle"])] if rng.random() < 0.95 else []
+        scores = [rng.choice([0.3, 0.7, 0.8, 0.95])] if labels else []
+        for _ in range(rng.choice([1, 1, 2, 5, 12])):  # runs of the same clip
+            assert d.on_clip(labels, scores, now) == ref.on_clip(labels, scores, now), step
+            assert d.action == ref.action
+        assert len(d._streak) <= 8  # the largest hysteresis_clips set
+
+
 def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match="threshold must be in \\[0, 1\\], got 1.5"):
         _decider(threshold=1.5)
@@ -90,7 +162,7 @@ def test_shipped_yaml_is_a_valid_config():
     from hiera_perception.consumer import ActionDecider, ConsumerConfig
     from hiera_perception.synth import ACTIONS
 
-    params = yaml.safe_load((ROOT / "config" / "consumer.yaml").read_text())["action_consumer"]["ros__parameters"]
+    params = yaml.safe_load((ROOT / "config" / "consumer.yaml").read_text())["/**/action_consumer"]["ros__parameters"]
     assert set(params["labels"]) == set(ACTIONS) == set(params["commands"]) == set(params["phrases"])
     assert all(isinstance(v, float) for cmd in params["commands"].values() for v in cmd), "ROS needs 1.0, not 1"
     d = ActionDecider(ConsumerConfig(threshold=params["threshold"], hysteresis_clips=params["hysteresis_clips"],
@@ -152,6 +224,23 @@ def test_node_turns_features_into_cmd_vel_and_events():
         assert spin_until(lambda: len(events) == 2, 5.0), events
         assert events[1].startswith("no action features for 0.5 s; stopping")
         assert spin_until(lambda: twists[-1].angular.z == 0.0)
+    finally:
+        context.try_shutdown()
+
+
+def test_params_file_applies_under_a_namespace():
+    """config/consumer.yaml's `/**/action_consumer` reaches /robot1/action_consumer too."""
+    import rclpy
+
+    from hiera_perception.consumer import ActionConsumer
+
+    context = rclpy.Context()
+    rclpy.init(context=context, args=["--ros-args", "--params-file", str(ROOT / "config" / "consumer.yaml")])
+    try:
+        consumer = ActionConsumer(context=context, namespace="robot1")
+        assert consumer.get_fully_qualified_name() == "/robot1/action_consumer"
+        assert list(consumer.get_parameter("commands.swipe_left").value) == list(LEFT)
+        assert "swipe_left" in consumer.decider.config.commands
     finally:
         context.try_shutdown()
 

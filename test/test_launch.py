@@ -1,6 +1,8 @@
-"""launch_testing test of the installed `perception.launch.py`: the installed config/perception.yaml (given back as
-params_file with a lossless input QoS added), the model, device and adaptation arguments, the image_topic
-remapping; camera frames in, ActionFeatures out with the clip's exact stamps, sizes and label count; a clean exit.
+"""launch_testing test of the installed `perception.launch.py`, included under a namespace (PushRosNamespace):
+the installed config/perception.yaml (given back as params_file with top_k changed and a lossless input QoS added)
+still applies to /robot1/hiera_perception, and so do the model, device and adaptation arguments and the
+image_topic remapping; camera frames in, ActionFeatures out on /robot1/action_features with the clip's exact
+stamps, sizes and the file's label count; diagnostics named after the node; a clean exit.
 
 Needs the package installed into the environment (`pip install .`, or colcon), like `ros2 launch` does. Runs under
 pytest (the launch_testing plugin) and under `launch_test test/test_launch.py`.
@@ -25,9 +27,12 @@ os.environ["AMENT_PREFIX_PATH"] = rh.ros_env(0)["AMENT_PREFIX_PATH"]
 
 DOMAIN = rh.domain_id(3)
 IMAGE_TOPIC = "/test_cam/image_raw"
-LABELS = [f"action_{i}" for i in range(8)]  # more classes than config/perception.yaml's top_k
+NAMESPACE = "robot1"
+NODE = f"/{NAMESPACE}/hiera_perception"
+LABELS = [f"action_{i}" for i in range(8)]  # more classes than top_k
+TOP_K = 3  # written into the params file: not the default 5, so the messages show whether the file applied
 # config/perception.yaml's clip timing with a checkpoint that records none: hop_s 0.5 s, frames every 4/30 s.
-TOP_K, HOP_FRAMES, STRIDE_FRAMES = 5, 15, 4
+HOP_FRAMES, STRIDE_FRAMES = 15, 4
 _tmp = tempfile.TemporaryDirectory(prefix="hiera_perception_launch_test_")
 
 try:
@@ -58,15 +63,18 @@ if launch_testing is not None:
     @pytest.mark.ros
     def generate_test_description():
         from launch import LaunchDescription
-        from launch.actions import IncludeLaunchDescription, SetEnvironmentVariable
+        from launch.actions import GroupAction, IncludeLaunchDescription, SetEnvironmentVariable
         from launch.launch_description_sources import PythonLaunchDescriptionSource
+        from launch_ros.actions import PushRosNamespace
 
         share = _installed_share()
         checkpoint = rh.make_checkpoint(Path(_tmp.name) / "tiny8.pt", labels=LABELS)
-        # The installed defaults, plus a reliable input so that no frame is lost on a busy machine.
+        # The installed defaults under their own key, with top_k changed and a reliable input so that no frame is
+        # lost on a busy machine.
         params = yaml.safe_load((share / "config" / "perception.yaml").read_text())
-        params["hiera_perception"]["ros__parameters"]["qos_overrides"] = {
-            IMAGE_TOPIC: {"subscription": {"reliability": "reliable", "depth": 100}}}
+        node_params = params["/**/hiera_perception"]["ros__parameters"]
+        node_params["top_k"] = TOP_K
+        node_params["qos_overrides"] = {IMAGE_TOPIC: {"subscription": {"reliability": "reliable", "depth": 100}}}
         params_file = Path(_tmp.name) / "params.yaml"
         params_file.write_text(yaml.safe_dump(params))
         perception = IncludeLaunchDescription(
@@ -75,7 +83,7 @@ if launch_testing is not None:
                               "device": "cpu", "adaptation": "false"}.items())
         return LaunchDescription([
             SetEnvironmentVariable("ROS_DOMAIN_ID", str(DOMAIN)),
-            perception,
+            GroupAction([PushRosNamespace(NAMESPACE), perception]),
             launch_testing.actions.ReadyToTest(),
         ])
 
@@ -84,7 +92,8 @@ if launch_testing is not None:
         def test_features_arrive_with_clip_stamps_sizes_and_labels(self):
             from hiera_perception.config import get_config
 
-            harness = rh.Harness(DOMAIN, image_topic=IMAGE_TOPIC, depth=100)
+            harness = rh.Harness(DOMAIN, node_name=NODE, image_topic=IMAGE_TOPIC,
+                                 output_topic=f"/{NAMESPACE}/action_features", depth=100)
             try:
                 harness.wait_connected(None, timeout_s=90)
                 n = 75  # 2.5 s at 30 fps: clips start at frames 0, 15, 30, 45 and span 28 frames
@@ -94,6 +103,8 @@ if launch_testing is not None:
                 self.assertTrue(harness.spin_until(lambda: len(harness.features) >= len(expected), 60),
                                 f"{len(harness.features)} ActionFeatures")
                 harness.spin_until(lambda: False, 0.3)  # and no more
+                self.assertTrue(harness.spin_until(lambda: harness.last_diagnostics().get("clips_published")
+                                                   == str(len(expected)), 10), harness.diagnostics[-1:])
             finally:
                 harness.close()
             self.assertEqual([(rh.stamp_ns(m.clip_start), rh.stamp_ns(m.header.stamp)) for m in harness.features],

@@ -47,14 +47,18 @@ def test_raw_input_features_stamps_and_runtime_top_k(checkpoint, tmp_path):
         assert float(diag["latency_p50_ms"]) > 0 and diag["encoder_version"] == "test@0"
         assert harness.diagnostics[-1][0] == 0  # OK
 
-        # top_k changes at run time; clip timing does not (rejected with a reason).
+        # top_k changes at run time; the rest is read at start, and says so: read-only (rejected with a reason).
         client = AsyncParameterClient(harness.node, "hiera_perception")
         assert client.wait_for_services(10.0)
+        names = ["top_k", "hop_s", "model", "adaptation.enabled", "adaptation.lr"]
+        future = client.describe_parameters(names)
+        assert harness.spin_until(future.done, 10, proc)
+        assert [d.read_only for d in future.result().descriptors] == [False, True, True, True, True]
         future = client.set_parameters([Parameter("top_k", value=1), Parameter("hop_s", value=1.0)])
         assert harness.spin_until(future.done, 10, proc)
         top_k_result, hop_result = future.result().results
         assert top_k_result.successful
-        assert not hop_result.successful and "hop_s" in hop_result.reason and "restart" in hop_result.reason
+        assert not hop_result.successful and hop_result.reason == "Trying to set a read-only parameter: hop_s."
         harness.features.clear()
         more = [rh.rgb_frame(i) for i in range(n, n + 20)]  # continues the timeline: clips k = 7, 8
         harness.publish(rh.image_msg(more[i - n], rh.frame_stamp_ns(i)) for i in range(n, n + 20))
@@ -124,3 +128,126 @@ def test_bad_parameter_exits_with_clear_error():
 ])
 def test_bad_parameter_values_are_named(name, value, expected):
     rh.assert_config_error(DOMAIN, name, value, expected)
+
+
+def test_without_a_camera_teach_answers_and_diagnostics_warn(checkpoint, tmp_path):
+    """No frame ever: a teach request ends when its recording does (the worker used to wait for it without a
+    deadline, and every later request got "still teaching"), and /diagnostics turns WARN."""
+    from hiera_perception_msgs.srv import TeachLabel
+
+    params = rh.write_params(tmp_path / "params.yaml", rh.node_params(
+        checkpoint, prototypes_file=str(tmp_path / "taught.json")))
+    log = tmp_path / "node.log"
+    proc = rh.start_node(["--ros-args", "--params-file", str(params)], rh.ros_env(DOMAIN), log)
+    harness = rh.Harness(DOMAIN)
+    try:
+        harness.wait_connected(proc)
+        for label in ("x", "y"):
+            request = TeachLabel.Request(label=label, seconds=0.5)
+            answer = rh.call(harness, TeachLabel, "/hiera_perception/teach", request, proc, timeout_s=20)
+            assert (answer.success, answer.clips_learned, answer.message) == (
+                False, 0, f"no clips were served while recording {label!r}: is the camera publishing?"), log.read_text()
+        assert harness.spin_until(lambda: harness.diagnostics and harness.diagnostics[-1][0] == 1, 20, proc)
+        _, message, diag = harness.diagnostics[-1]
+        assert message.startswith("no frame on /image for ") and message.endswith("is the camera publishing?")
+        assert (diag["frames_received"], diag["seconds_since_frame"]) == ("0", "n/a")
+    finally:
+        harness.close()
+        rc = rh.stop(proc)
+    assert rc == 0, log.read_text()
+
+
+def test_diagnostics_warn_while_frames_or_clips_stop_and_recover(checkpoint, tmp_path):
+    """WARN when the camera goes quiet after its first frames, and when frames come but form no clip (every stamp
+    jumps past max_gap_s, so each frame restarts the clip); OK again as soon as clips flow."""
+    params = rh.write_params(tmp_path / "params.yaml", rh.node_params(checkpoint), qos_reliable_depth=200)
+    log = tmp_path / "node.log"
+    proc = rh.start_node(["--ros-args", "--params-file", str(params)], rh.ros_env(DOMAIN), log)
+    harness = rh.Harness(DOMAIN)
+    n = 0  # frames sent so far; frame n's stamp is stamps[n]
+    stamps: list[int] = []
+
+    def send(count: int, jump_s: float = 0.0) -> None:
+        nonlocal n
+        msgs = []
+        for _ in range(count):
+            stamps.append(stamps[-1] + round(10**9 / rh.FPS + jump_s * 10**9) if stamps else rh.T0_NS)
+            msgs.append(rh.image_msg(rh.rgb_frame(n), stamps[-1]))
+            n += 1
+        harness.publish(msgs)
+
+    def report_after(sent: int, level: int):
+        """Spin until a report that counted every frame sent has `level`; that report."""
+        def seen():
+            return any(lv == level and d.get("frames_received") == str(sent) for lv, _, d in harness.diagnostics)
+        assert harness.spin_until(seen, 20, proc), (harness.diagnostics[-3:], log.read_text()[-2000:])
+        return next(r for r in reversed(harness.diagnostics) if r[0] == level and r[2]["frames_received"] == str(sent))
+
+    try:
+        harness.wait_connected(proc)
+        send(30)
+        assert int(report_after(30, 0)[2]["clips_published"]) > 0
+
+        # The camera stops: WARN, naming the topic.
+        _, message, diag = report_after(30, 1)
+        assert message.startswith("no frame on /image for ") and float(diag["seconds_since_frame"]) > 2.0
+        # ... and comes back.
+        harness.diagnostics.clear()
+        send(30)
+        report_after(60, 0)
+
+        # Frames without clips: each stamp jumps 2 s (max_gap_s is 1 s).
+        harness.diagnostics.clear()
+        while not any(lv == 1 and m.startswith("frames arrive but no clip") for lv, m, _ in harness.diagnostics):
+            assert n < 60 + 10 * rh.FPS, (harness.diagnostics[-3:], log.read_text()[-2000:])
+            send(15, jump_s=2.0)
+        message = next(m for lv, m, _ in reversed(harness.diagnostics) if lv == 1)
+        assert "clip buffer resets: stamps jumping or going back?" in message
+        # Steady stamps again: clips, OK.
+        harness.diagnostics.clear()
+        send(30)
+        report_after(n, 0)
+    finally:
+        harness.close()
+        rc = rh.stop(proc)
+    assert rc == 0, log.read_text()
+
+
+def test_two_nodes_keep_apart_diagnostics_and_adaptation_folders(checkpoint, tmp_path, monkeypatch):
+    """Front and rear cameras: statuses named after each node; adaptation folders per node (the default node's
+    where it always was)."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from hiera_perception.node import PerceptionNode
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    adaptation = tmp_path / "state" / "hiera_perception" / "adaptation" / "test"
+    overrides = [Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+                 Parameter("diagnostics_period_s", value=0.2)]
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=DOMAIN)
+    nodes = []
+    try:
+        for kwargs in ({}, {"namespace": "robot1"}, {"cli_args": ["--ros-args", "-r", "__node:=rear"]}):
+            nodes.append(PerceptionNode(context=context, parameter_overrides=overrides, **kwargs))
+        names = [node.get_fully_qualified_name() for node in nodes]
+        assert names == ["/hiera_perception", "/robot1/hiera_perception", "/rear"]
+        assert [node._adaptation_dir for node in nodes] == [
+            adaptation, adaptation / "robot1" / "hiera_perception", adaptation / "rear"]
+
+        listener = rclpy.create_node("listener", context=context)
+        seen: set[str] = set()
+        listener.create_subscription(DiagnosticArray, "/diagnostics",
+                                     lambda msg: seen.update(s.name for s in msg.status), 50)
+        executor = SingleThreadedExecutor(context=context)
+        for node in [*nodes, listener]:
+            executor.add_node(node)
+        expected = {f"{name}: {part}" for name in names for part in ("pipeline", "adaptation")}
+        assert rh.spin_until(executor, lambda: expected <= seen, 20), seen
+    finally:
+        for node in nodes:
+            node.destroy_node()
+        context.try_shutdown()

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.ros
 
 DOMAIN = rh.domain_id(7)
 NODE = "/hiera_perception"
-ADAPTATION = "hiera_perception: adaptation"
+ADAPTATION = f"{NODE}: adaptation"
 FAST = {  # every round accepted (a permissive guard), small and quick
     "enabled": True, "resume": False, "min_clips": 4, "probe_clips": 2, "steps_per_round": 2, "batch_size": 2,
     "lr": 1e-3, "min_probe_cosine": -1.0, "max_loss_increase": 100.0, "round_interval_s": 0.2,
@@ -73,17 +73,6 @@ class Camera:
         """Skip `seconds` of the timeline (> max_gap_s: the clip buffer restarts); the next frame's stamp (ns)."""
         self.n += int(seconds * rh.FPS)
         return rh.frame_stamp_ns(self.n)
-
-
-def call(harness: rh.Harness, srv_type, name: str, request, proc, timeout_s: float = 60.0):
-    client = harness.node.create_client(srv_type, name)
-    try:
-        assert client.wait_for_service(timeout_sec=30.0), f"no service {name}"
-        future = client.call_async(request)
-        assert harness.spin_until(future.done, timeout_s, proc), f"{name}: no answer in {timeout_s} s"
-        return future.result()
-    finally:
-        harness.node.destroy_client(client)
 
 
 class Listener:
@@ -144,13 +133,13 @@ def test_adaptation_versions_rollback_enable_save_reconstruction_and_resume(tmp_
         assert diag["decoder_warmup"] == "False"  # the checkpoint's own decoder adapts from the first round
 
         # Off: no more rounds after the one in progress; the status says so.
-        res = call(harness, SetBool, f"{NODE}/adaptation/enable", SetBool.Request(data=False), proc)
+        res = rh.call(harness, SetBool, f"{NODE}/adaptation/enable", SetBool.Request(data=False), proc)
         assert res.success and "disabled" in res.message
         assert harness.spin_until(lambda: listen.last().get("enabled") == "False", 10, proc)
 
         # Rollback: an older version serves again, from the next clip on. (It waits for a round in progress; with
         # adaptation off no other starts, so the files on disk are every version accepted.)
-        res = call(harness, Trigger, f"{NODE}/adaptation/rollback", Trigger.Request(), proc)
+        res = rh.call(harness, Trigger, f"{NODE}/adaptation/rollback", Trigger.Request(), proc)
         assert res.success, res.message
         back = int(res.message.split("rolled back to version ")[1].split(";")[0])
         assert back < max(int(p.stem.rpartition("@")[2]) for p in versions.glob("test@*.pt"))
@@ -161,7 +150,7 @@ def test_adaptation_versions_rollback_enable_save_reconstruction_and_resume(tmp_
         assert {version(f) for f in harness.features[first:]} == {back}  # disabled: it stays
 
         # Save: the deployed version as a checkpoint in the versions folder.
-        res = call(harness, Trigger, f"{NODE}/adaptation/save", Trigger.Request(), proc)
+        res = rh.call(harness, Trigger, f"{NODE}/adaptation/save", Trigger.Request(), proc)
         assert res.success and res.message == str(versions / f"test@{back}.pt"), res.message
         saved = load_checkpoint(res.message)
         assert (saved.model_id, saved.version) == ("test", back)
@@ -169,7 +158,7 @@ def test_adaptation_versions_rollback_enable_save_reconstruction_and_resume(tmp_
 
         # On again: adaptation goes on from the rolled-back weights, under a new number.
         kept = max(int(p.stem.rpartition("@")[2]) for p in versions.glob("test@*.pt"))
-        res = call(harness, SetBool, f"{NODE}/adaptation/enable", SetBool.Request(data=True), proc)
+        res = rh.call(harness, SetBool, f"{NODE}/adaptation/enable", SetBool.Request(data=True), proc)
         assert res.success and "enabled" in res.message
         assert harness.spin_until(lambda: listen.last().get("enabled") == "True", 10, proc)
         assert camera.run(lambda: any(version(f) > kept for f in harness.features), 60), log.read_text()
@@ -214,7 +203,7 @@ def test_teach_labels_then_recognise_them_and_enable_adaptation_later(tmp_path):
     try:
         harness.wait_connected(proc)
         for name, bad in (("", 1.0), ("x", 0.0), ("x", 61.0)):
-            res = call(harness, TeachLabel, f"{NODE}/teach", TeachLabel.Request(label=name, seconds=bad), proc)
+            res = rh.call(harness, TeachLabel, f"{NODE}/teach", TeachLabel.Request(label=name, seconds=bad), proc)
             assert not res.success and res.clips_learned == 0 and res.message
 
         client = harness.node.create_client(TeachLabel, f"{NODE}/teach")
@@ -239,11 +228,11 @@ def test_teach_labels_then_recognise_them_and_enable_adaptation_later(tmp_path):
 
         # Adaptation was off at start: rollback has nothing to do; enable starts it (a headless checkpoint
         # without decoder weights: the decoder warms up first).
-        res = call(harness, Trigger, f"{NODE}/adaptation/rollback", Trigger.Request(), proc)
+        res = rh.call(harness, Trigger, f"{NODE}/adaptation/rollback", Trigger.Request(), proc)
         assert not res.success and "adaptation is off" in res.message
-        res = call(harness, SetBool, f"{NODE}/adaptation/enable", SetBool.Request(data=True), proc)
+        res = rh.call(harness, SetBool, f"{NODE}/adaptation/enable", SetBool.Request(data=True), proc)
         assert res.success and "enabled" in res.message, res.message
-        res = call(harness, Trigger, f"{NODE}/adaptation/rollback", Trigger.Request(), proc)
+        res = rh.call(harness, Trigger, f"{NODE}/adaptation/rollback", Trigger.Request(), proc)
         assert not res.success and "base model (version 0)" in res.message
     finally:
         harness.close()
@@ -276,7 +265,8 @@ def test_adaptation_enabled_is_not_a_runtime_parameter(tmp_path):
             Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu")])
         try:
             result, = node.set_parameters([Parameter("adaptation.enabled", value=True)])
-            assert not result.successful and "~/adaptation/enable" in result.reason
+            assert not result.successful and "read-only parameter: adaptation.enabled" in result.reason
+            assert "~/adaptation/enable" in node.describe_parameter("adaptation.enabled").description
             assert node.get_parameter("adaptation.dir").value == ""
             assert node._prototypes_file == checkpoint.with_name("mae.pt.prototypes.json")  # beside the model
         finally:
@@ -290,7 +280,8 @@ def test_params_file_lists_every_parameter_with_its_default():
 
     from hiera_perception.node_config import PARAMETERS
 
-    params = yaml.safe_load((rh.REPO / "config" / "perception.yaml").read_text())["hiera_perception"]["ros__parameters"]
+    params = yaml.safe_load((rh.REPO / "config" / "perception.yaml").read_text())
+    params = params["/**/hiera_perception"]["ros__parameters"]  # any namespace
     flat = {}
 
     def walk(prefix: str, tree: dict) -> None:
