@@ -29,10 +29,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from hiera_perception import weights
 from hiera_perception.adaptation import AdaptationConfig, Adapter
 from hiera_perception.atomic import atomic_write_bytes
-from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model
+from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model, load_official
 from hiera_perception.labeler import prototypes_path
+from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 from hiera_perception.reconstruction import reconstruction_panel, save_png
 
@@ -98,14 +100,25 @@ def png_path(out: str | os.PathLike) -> Path:
 
 
 def decoder_state_of(model: Hiera) -> dict[str, torch.Tensor] | None:
-    """The HieraMAE state of the checkpoint `model` was loaded from, when it holds decoder weights (our MAE
-    checkpoints, e.g. the embedded model); None otherwise (the Adapter then warms a fresh decoder up)."""
+    """The HieraMAE state of the checkpoint `model` was loaded from, when it holds decoder weights: our MAE
+    checkpoints (e.g. the embedded model) or an official MAE file (fetched, or a path); None otherwise (the
+    Adapter then warms a fresh decoder up). An official decoder fits: the MAE pools as the official one."""
     source = getattr(model, "source_path", None)
+    entry = weights.find_entry(str(getattr(model, "model_id", "")))
+    if not source and entry is not None and entry.kind == "mae":  # a fetched official MAE, loaded by name
+        source = weights.resolve(entry.name)
     if not source:
         return None
     try:
-        state = load_checkpoint(source).model_state
-    except CheckpointError:  # an official .pth: its MAE decoder is not read here
+        try:
+            state = load_checkpoint(source).model_state
+        except CheckpointError as e:
+            if "not a hiera_perception checkpoint" not in str(e):
+                raise
+            official = load_official(source, model.config, mae=None)
+            state = official.state_dict() if isinstance(official, HieraMAE) else {}
+    except (CheckpointError, ValueError, OSError) as e:  # it served a moment ago: changed on disk since
+        log.warning("decoder weights of %s unreadable (%s); a fresh decoder is warmed up", source, e)
         return None
     return state if any(k.startswith("decoder_") for k in state) else None
 

@@ -16,6 +16,9 @@ One mask convention throughout: `keep` [B, M] bool, True = the unit is visible t
 `HieraMAE(config, encoder=model)` wraps an existing encoder, sharing its parameters, so adapting it
 changes the very module that serves (its head and norm stay untouched by the MAE loss); everything,
 the decoder included, is built from `model.config`, so `config` is refused if its decoder differs.
+The MAE always pools `mae_q_pool` times: a wrapped classifier that pools more (base 16x224: 3) runs
+its same weights pooling twice (`Hiera.with_pooling`), so the official MAE decoder fits it and its
+loss equals the official MAE's on those weights.
 """
 
 from __future__ import annotations
@@ -56,7 +59,11 @@ class HieraMAE(nn.Module):
                              f"{has}; pass encoder.config (or an encoder built with those decoder fields)")
         self.encoder = encoder
         cfg = self.config = encoder.config
-        q_pool, qs = cfg.q_pool, cfg.q_stride
+        # The MAE pools mae_q_pool times whatever its encoder serves with: a classifier pooling 3 times is
+        # pre-trained and adapted through the same weights pooling twice, as the official MAE and its decoder
+        # are. Not a submodule (its parameters are the encoder's); train() and _apply() carry it along.
+        object.__setattr__(self, "trunk", encoder.with_pooling(cfg.mae_q_pool))
+        q_pool, qs = cfg.mae_q_pool, cfg.q_stride
         dims = cfg.stage_dims
         enc_dim = dims[-1]
         self.mu_final = tuple(m // s**q_pool for m, s in zip(cfg.mask_unit_size, qs))  # unit shape at the end
@@ -103,11 +110,22 @@ class HieraMAE(nn.Module):
             w = self.encoder.patch_embed.proj.weight.data
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
+    def train(self, mode: bool = True) -> "HieraMAE":
+        super().train(mode)
+        self.trunk.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.trunk is not self.encoder:  # its index maps; the parameters, shared, have moved already
+            self.trunk._apply(fn, recurse)
+        return self
+
     # ---- pieces ----
     def encode(self, x: torch.Tensor, keep: torch.Tensor, n_keep: int | None = None) -> torch.Tensor:
         """[B, 3, T, H, W], keep [B, M] (n_keep True per row) -> fused latent [B, M_kept, *mu_final, C]."""
-        _, inter = self.encoder.forward_tokens(x, keep, return_intermediates=True, n_keep=n_keep)
-        inter = inter[: self.config.q_pool] + inter[-1:]  # later stages share the final resolution
+        _, inter = self.trunk.forward_tokens(x, keep, return_intermediates=True, n_keep=n_keep)
+        inter = inter[: self.config.mae_q_pool] + inter[-1:]  # later stages share the final resolution
         latent = 0.0
         for head, feats in zip(self.multi_scale_fusion_heads, inter):
             if not isinstance(head, nn.Identity):

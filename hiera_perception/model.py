@@ -21,6 +21,7 @@ s equal slabs of the first axis, and windowed attention is a reshape to [..., W,
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -245,15 +246,6 @@ class Hiera(nn.Module):
         # Unroll/reroll index maps (buffers, not state: checkpoints stay identical to the official ones).
         self.register_buffer("unroll_index", token_order(grid, mu_cfg, schedule), persistent=False)
         self.stage_ends = [sum(cfg.stages[: i + 1]) - 1 for i in range(len(cfg.stages))]
-        for i in range(len(cfg.stages)):  # the stride levels not yet pooled away at stage i's output
-            sched = schedule[min(i, cfg.q_pool):]
-            grid_i, mu_i = self._stage_geometry(i)
-            self.register_buffer(f"reroll_index_{i}", torch.argsort(token_order(grid_i, mu_i, sched)), persistent=False)
-            self.register_buffer(f"reroll_local_{i}", torch.argsort(local_order(mu_i, sched)), persistent=False)
-
-        flat_q_stride = math.prod(cfg.q_stride)
-        flat_mu = math.prod(mu_cfg)
-        q_pool_blocks = {end + 1 for end in self.stage_ends[: cfg.q_pool]}
         dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.stages)).tolist()
         heads, dim, stage = cfg.num_heads, C, 0
         self.blocks = nn.ModuleList()
@@ -264,22 +256,47 @@ class Hiera(nn.Module):
                 dim_out = int(dim * cfg.dim_mul)
                 heads = int(heads * cfg.head_mul)
                 stage += 1
-                if i in q_pool_blocks:
-                    flat_mu //= flat_q_stride
-            self.blocks.append(
-                HieraBlock(
-                    dim, dim_out, heads, cfg.mlp_ratio, dpr[i],
-                    q_stride=flat_q_stride if i in q_pool_blocks else 1,
-                    window_size=flat_mu, use_mask_unit_attn=use_mu_attn,
-                )
-            )
+            self.blocks.append(HieraBlock(dim, dim_out, heads, cfg.mlp_ratio, dpr[i], use_mask_unit_attn=use_mu_attn))
             dim = dim_out
+        self._set_pooling()
 
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = Head(dim, cfg.num_classes, cfg.head_dropout) if cfg.num_classes > 0 else None
         self._init_weights()
 
     # ---- geometry ----
+    def _set_pooling(self) -> None:
+        """Everything that follows from config.q_pool, none of it weights: which blocks pool their queries,
+        the window sizes after pooling, and the reroll index maps (on the device of the unroll map)."""
+        cfg = self.config
+        schedule = [cfg.q_stride] * (len(cfg.stages) - 1)
+        device = self.unroll_index.device
+        for i in range(len(cfg.stages)):  # the stride levels not yet pooled away at stage i's output
+            sched = schedule[min(i, cfg.q_pool):]
+            grid_i, mu_i = self._stage_geometry(i)
+            self.register_buffer(f"reroll_index_{i}", torch.argsort(token_order(grid_i, mu_i, sched)).to(device),
+                                 persistent=False)
+            self.register_buffer(f"reroll_local_{i}", torch.argsort(local_order(mu_i, sched)).to(device),
+                                 persistent=False)
+        flat_q_stride, flat_mu = math.prod(cfg.q_stride), math.prod(cfg.mask_unit_size)
+        q_pool_blocks = {end + 1 for end in self.stage_ends[: cfg.q_pool]}
+        for i, blk in enumerate(self.blocks):
+            if i in q_pool_blocks:
+                flat_mu //= flat_q_stride
+            blk.attn.q_stride = flat_q_stride if i in q_pool_blocks else 1
+            blk.attn.window_size = flat_mu
+
+    def with_pooling(self, q_pool: int) -> "Hiera":
+        """This encoder pooling its queries `q_pool` times: the very same parameter tensors, not copies
+        (pooling has no weights), so training one trains the other. The official video MAE pools twice
+        the weights its classifier pools three times; HieraMAE runs a classifier this way."""
+        if q_pool == self.config.q_pool:
+            return self
+        view = copy.deepcopy(self, memo={id(p): p for p in self.parameters()})
+        view.config = self.config.replace(q_pool=q_pool)
+        view._set_pooling()
+        return view
+
     def _stage_geometry(self, stage: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(token grid, mask unit shape) of the tokens leaving `stage`."""
         pooled = min(stage, self.config.q_pool)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from hiera_perception import adapt
+from hiera_perception import adapt, weights
+from hiera_perception.adaptation import AdaptationConfig, Adapter
 from hiera_perception.checkpoint import load_checkpoint, load_model, save_checkpoint
-from hiera_perception.config import get_config
+from hiera_perception.config import CONFIGS, get_config
 from hiera_perception.labeler import prototypes_path
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
@@ -100,6 +101,35 @@ def test_model_without_decoder_warms_one_up_first(data, tmp_path, capsys):
     assert rc == 0
     assert (summary["rounds"], summary["warmup"], summary["accepted"], summary["version"]) == (2, 1, 1, 1)
     assert any(k.startswith("decoder_") for k in load_checkpoint(out).model_state)
+
+
+def test_an_official_mae_file_hands_adaptation_its_decoder(tmp_path, monkeypatch):
+    # Like base 16x224: served, the encoder pools 3 times; the official MAE's decoder was trained behind 2
+    # poolings, which is how the Adapter's MAE runs the same weights, so the decoder fits and no warm-up is due.
+    cfg = get_config(TINY).replace(name="tiny_q3", q_pool=3)
+    monkeypatch.setitem(CONFIGS, "tiny_q3", cfg)
+    torch.manual_seed(1)
+    official = {k.removeprefix("encoder."): v for k, v in HieraMAE(cfg).state_dict().items()
+                if not k.startswith(("encoder.norm.", "encoder.head."))}  # the official file's layout
+    torch.save({"model_state": official}, tmp_path / "mae.pth")
+    model = load_model(tmp_path / "mae.pth", arch="tiny_q3", device="cpu")
+    assert model.config.q_pool == 3 and model.head is None
+    adapter = Adapter(model, AdaptationConfig(), mae_state=adapt.decoder_state_of(model))
+    assert not adapter.decoder_warmup
+    for k in ("decoder_pred.weight", "decoder_pos_embed", "mask_token", "multi_scale_fusion_heads.1.weight"):
+        assert torch.equal(adapter.mae.state_dict()[k], official[k]), k
+    # fetched into the cache and served by its table name, the file is found from the model's id
+    entry = weights.WeightsEntry("tiny_q3", "mae_k400", "https://example.invalid/mae_tiny_q3.pth", "mae", 0)
+    monkeypatch.setitem(weights.WEIGHTS, entry.name, entry)
+    monkeypatch.setenv("HIERA_PERCEPTION_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    shutil.copy(tmp_path / "mae.pth", tmp_path / "cache" / entry.filename)
+    fetched = load_model(entry.name, device="cpu")
+    assert fetched.source_path is None and fetched.model_id == entry.name
+    assert torch.equal(adapt.decoder_state_of(fetched)["decoder_pred.weight"], official["decoder_pred.weight"])
+    fine_tuned = Hiera(cfg.replace(num_classes=3)).state_dict()  # an official K400-style file: a head, no decoder
+    torch.save({"model_state": fine_tuned}, tmp_path / "ft.pth")
+    assert adapt.decoder_state_of(load_model(tmp_path / "ft.pth", arch="tiny_q3", device="cpu")) is None
 
 
 def test_strict_guard_rejects_and_writes_the_input_weights(data, tmp_path, capsys):

@@ -202,6 +202,37 @@ def test_mae_matches_official(name, overrides, seed, ratio):
     compare_mae(official, ours, x, random_keep(config, batch, ratio, seed))
 
 
+@pytest.mark.parametrize("seed,ratio", [(12, 0.75), (13, 0.5)])
+def test_mae_on_a_classifier_pools_like_the_official_mae(seed, ratio):
+    # A classifier pooling 3 times (as base 16x224 serves) wrapped for MAE runs its weights pooling
+    # mae_q_pool = 2 times: the official MAE's numbers, its decoder's shapes, and gradients that land
+    # on the classifier's own parameters, which keep pooling 3 times when they serve.
+    config = get_config("hiera_tiny_8x64", q_pool=3, num_classes=10)
+    official = oracle.official_mae(config, seed=seed)
+    classifier = Hiera(config).eval()
+    served = Hiera(config).eval()
+    state = checkpoint.filter_official_state_dict(official.state_dict(), classifier)
+    classifier.load_state_dict({**classifier.state_dict(), **state})
+    served.load_state_dict(classifier.state_dict())
+    ours = HieraMAE(config, encoder=classifier)
+    ours.load_state_dict(checkpoint.filter_official_state_dict(official.state_dict(), ours), strict=True)
+    assert ours.eval().trunk.training is False and ours.trunk.config.q_pool == 2
+    x = clips(config, batch=2, seed=seed + 300)
+    compare_mae(official, ours, x, random_keep(config, 2, ratio, seed))
+
+    with torch.no_grad():
+        assert torch.equal(classifier(x).embedding, served(x).embedding)  # still pools 3 times
+    assert ours.train().trunk.training and ours.encoder.training
+    ours.forward_keep(x, random_keep(config, 2, ratio, seed)).loss.backward()
+    assert classifier.patch_embed.proj.weight.grad is not None
+    assert classifier.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+    assert set(ours.state_dict()) == {f"encoder.{k}" for k in classifier.state_dict()} | {
+        k for k in official.state_dict() if not k.startswith(("patch_embed", "pos_embed", "blocks."))}
+    copy = __import__("copy").deepcopy(ours.double())  # a copy shares its own weights between its two poolings
+    assert copy.trunk.blocks[0].attn.qkv.weight is copy.encoder.blocks[0].attn.qkv.weight
+    assert copy.trunk.reroll_index_0.dtype == torch.int64 and copy.encoder.patch_embed.proj.weight.dtype == torch.float64
+
+
 def test_mae_random_mask_keeps_exact_count():
     config = get_config("hiera_tiny_8x64")  # 16 mask units
     torch.manual_seed(8)

@@ -116,8 +116,9 @@ def test_finetune_init_takes_the_mae_encoder(pretrained):
             assert torch.equal(v, enc_state[k]), k
 
 
-def test_pretrain_init_from_an_official_mae_keeps_its_decoder(data, tmp_path, monkeypatch):
-    # Like the 16x224 models, the classifier pools queries 3 times and the official MAE's encoder twice.
+def official_q3_mae(tmp_path, monkeypatch) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An official-format MAE file of "tiny_q3", a config whose classifier pools queries 3 times and whose
+    MAE encoder pools twice, like the 16x224 models: (path, its state)."""
     cfg = get_config("hiera_tiny_8x64").replace(name="tiny_q3", q_pool=3)
     monkeypatch.setitem(CONFIGS, "tiny_q3", cfg)
     torch.manual_seed(0)
@@ -127,14 +128,36 @@ def test_pretrain_init_from_an_official_mae_keeps_its_decoder(data, tmp_path, mo
              if not k.startswith(("encoder.norm.", "encoder.head."))}
     path = tmp_path / "official_mae.pth"
     torch.save({"model_state": state}, path)
+    return path, state
+
+
+def test_pretrain_init_from_an_official_mae_keeps_its_decoder(data, tmp_path, monkeypatch):
+    path, state = official_q3_mae(tmp_path, monkeypatch)
     model, meta = _load_init(str(path), "tiny_q3")
     assert isinstance(model, HieraMAE) and meta["kind"] == "mae" and model.config.q_pool == 2
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in mae.state_dict().items() if "decoder" in k)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if "decoder" in k)
     out = tmp_path / "pre.pt"
     train(make_args("pretrain", "--data", str(data), "--init", str(path), "--arch", "tiny_q3", "--out", str(out),
                     "--steps", "1", "--batch", "4", "--lr", "1e-30"))  # a step that moves no weight
     ck = load_checkpoint(out)
     assert ck.config.q_pool == 2 and torch.equal(ck.model_state["decoder_pred.weight"], state["decoder_pred.weight"])
+
+
+def test_joint_finetune_from_an_official_mae_keeps_its_decoder(data, tmp_path, monkeypatch):
+    # The classifier pools 3 times and serves so; its MAE loss runs the same weights pooling twice, so the
+    # official decoder fits (it used to be built for 3 poolings: a shape error) and a resume rebuilds it.
+    path, state = official_q3_mae(tmp_path, monkeypatch)
+    out = tmp_path / "joint.pt"
+    common = ["--data", str(data), "--init", str(path), "--arch", "tiny_q3", "--out", str(out), "--batch", "4",
+              "--lr", "1e-30", "--mae-weight", "1", "--mask-ratio", "0.75"]
+    first = train(make_args("finetune", *common, "--steps", "2", "--stop-at", "1"))
+    ck = load_checkpoint(out)
+    assert ck.config.q_pool == 3 and ck.config.num_classes == len(ACTIONS)
+    for k in ("decoder_pred.weight", "decoder_pos_embed", "multi_scale_fusion_heads.1.weight"):
+        assert torch.equal(ck.model_state[k], state[k]), k
+    again = train(make_args("finetune", *common, "--steps", "2", "--resume"))
+    assert again.complete and again.step == 2 and first.losses[0] > 0
+    assert load_model(out, device="cpu").config.q_pool == 3
 
 
 def test_clips_to_input_matches_preprocess_clip():
