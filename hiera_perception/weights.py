@@ -415,5 +415,9 @@ def main(args: argparse.Namespace) -> int:
     except (WeightsError, ValueError) as e:
         logger.error("%s", e)
         return 1
+    if path.parent.resolve() != default_cache_dir().resolve():  # names are looked up in the default cache only
+        logger.warning("%s is outside the default cache %s: serve it by path (--model %s, model:=%s) or set "
+                       "%s=%s so that the name %s finds it", path.name, default_cache_dir(), path, path, CACHE_ENV,
+                       path.parent, args.name)
     print(path)
     return 0

@@ -256,7 +256,10 @@ def test_files_without_record_pass_verify(tmp_path):
     weights.verify(own)
 
 
-def test_cli_fetch_weights(server, payload, tmp_path, capsys):
+def test_cli_fetch_weights(server, payload, tmp_path, capsys, caplog, monkeypatch, request):
+    monkeypatch.delenv("HIERA_PERCEPTION_CACHE", raising=False)
+    weights.logger.addHandler(caplog.handler)  # launch_testing's logger class does not propagate to caplog's root
+    request.addfinalizer(lambda: weights.logger.removeHandler(caplog.handler))
     cache = tmp_path / "cache"
     rc = cli.main(["fetch-weights", NAME, "--cache-dir", str(cache), "--url", server.url])
     assert rc == 1
@@ -267,6 +270,13 @@ def test_cli_fetch_weights(server, payload, tmp_path, capsys):
     assert rc == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(cache / FILENAME)
     assert (cache / FILENAME).read_bytes() == payload
+    # outside the default cache a name does not find the file: the user is told how to serve it
+    assert f"HIERA_PERCEPTION_CACHE={cache} so that the name {NAME} finds it" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("HIERA_PERCEPTION_CACHE", str(cache))
+    assert cli.main(["fetch-weights", NAME, "--accept-license", "--url", server.url]) == 0
+    assert weights.resolve(NAME) == cache / FILENAME and "outside the default cache" not in caplog.text
+    capsys.readouterr()
 
     assert cli.main(["fetch-weights", "--list"]) == 0
     listing = capsys.readouterr().out
