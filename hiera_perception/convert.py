@@ -12,13 +12,15 @@ but it fails on big-endian messages under numpy 2 and misreads a `step` that is 
 channels x itemsize; routing around those bugs would need this same view, so cv_bridge is not used
 at all (nor rosbags-image, which does the same): one code path gives identical results with and
 without ROS, and cv_bridge serves the tests as an oracle instead. Colour conversions (BGR, alpha,
-grey, YUV 4:2:2, Bayer) are cv2.cvtColor; compressed images are cv2.imdecode, as in cv_bridge.
+grey, YUV 4:2:2 and 4:2:0, Bayer) are cv2.cvtColor; compressed images are cv2.imdecode, as in cv_bridge.
 
 16-bit images (mono16, 16UC1, rgb16, ...) become 8-bit by keeping the high byte (`>> 8`): exact,
 cheap, and the same for raw and PNG input (cv_bridge rounds v * 255 / 65535 instead, at most 1
 level apart). A depth image in millimetres is not a camera image and comes out nearly black; that
 is expected. YUV 4:2:2 follows ROS's names: `yuv422` and `uyvy` are U Y0 V Y1, `yuv422_yuy2` and
-`yuyv` are Y0 U Y1 V. Bayer names follow ROS (`bayer_rggb8` has R at row 0, column 0). 8UC1, 8UC3
+`yuyv` are Y0 U Y1 V. The semi-planar `nv21` (4:2:0, V U), `nv12` (U V) and `nv24` (4:4:4, U V) are a Y
+plane of `height` rows of `step` bytes followed by the interleaved chroma plane (`nv24`: rows of 2 x step
+bytes), as V4L2 lays them out; cv_bridge reads none of them. Bayer names follow ROS (`bayer_rggb8` has R at row 0, column 0). 8UC1, 8UC3
 and 8UC4 read as mono8, bgr8 and bgra8 (OpenCV's order), 16UC* alike. Encoding names are matched
 case-insensitively. `is_bigendian` matters only for 16-bit encodings.
 
@@ -39,7 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["BadFrame", "REASONS", "ENCODINGS", "MAX_SIDE", "MAX_PIXELS", "image_to_rgb", "compressed_to_rgb"]
+__all__ = ["BadFrame", "REASONS", "ENCODINGS", "SEMIPLANAR", "MAX_SIDE", "MAX_PIXELS", "image_to_rgb", "compressed_to_rgb"]
 
 MAX_SIDE = 16384
 MAX_PIXELS = 1 << 26  # 67 Mpx, above 8K video (33 Mpx)
@@ -52,7 +54,8 @@ REASONS = (
     "too_large",  # beyond MAX_SIDE / MAX_PIXELS
     "step_too_small",  # step < width * channels * itemsize
     "truncated",  # fewer than step * height bytes; a JPEG without its end marker
-    "odd_width",  # YUV 4:2:2 needs an even width
+    "odd_width",  # YUV 4:2:2 and 4:2:0 need an even width
+    "odd_height",  # YUV 4:2:0 needs an even height
     "empty_data",  # a CompressedImage with no bytes
     "unsupported_format",  # compressedDepth, or a decoded type that is no camera image
     "undecodable",  # cv2.imdecode could not read it
@@ -100,6 +103,18 @@ for _ros, _cv in (("rggb", "BG"), ("bggr", "RG"), ("gbrg", "GR"), ("grbg", "GB")
     ENCODINGS[f"bayer_{_ros}8"] = (1, _U8, _code)
     ENCODINGS[f"bayer_{_ros}16"] = (1, _U16, _code)
 _YUV = {"yuv422", "uyvy", "yuv422_yuy2", "yuyv"}
+# Semi-planar YUV (V4L2 layouts): a Y plane of `height` rows of `step` bytes, then one interleaved chroma plane.
+# encoding -> (chroma subsampling per axis, cv2 conversion of the [H * 3/2, W] 4:2:0 layout, or None: 4:4:4)
+SEMIPLANAR: dict[str, tuple[int, int | None]] = {
+    "nv21": (2, cv2.COLOR_YUV2RGB_NV21),  # ROS standard: V U, half resolution both ways
+    "nv12": (2, cv2.COLOR_YUV2RGB_NV12),  # not a ROS name, but what many drivers send: U V
+    "nv24": (1, None),  # ROS standard: U V at full resolution, chroma rows of 2 x step bytes
+}
+for _name in SEMIPLANAR:
+    ENCODINGS[_name] = (1, _U8, None)  # the Y plane's pixel; the chroma plane follows the image
+# ITU-R BT.601 limited range, the matrix of OpenCV's NV12/NV21 conversions: [R G B] = M [Y U V 1]
+_BT601 = np.array([[1.164, 0.0, 1.596], [1.164, -0.391, -0.813], [1.164, 2.018, 0.0]])
+_BT601 = np.hstack([_BT601, -_BT601 @ np.array([[16.0], [128.0], [128.0]])])
 
 
 def image_to_rgb(msg: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -142,11 +157,17 @@ def _image_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
     row_bytes = width * channels * dtype.itemsize
     if step < row_bytes:
         raise BadFrame("step_too_small", f"step {step} < {row_bytes} bytes per row ({width} px {encoding})")
-    if key in _YUV and width % 2:
+    sub = SEMIPLANAR[key][0] if key in SEMIPLANAR else 1
+    if (key in _YUV or sub == 2) and width % 2:
         raise BadFrame("odd_width", f"{encoding} needs an even width, got {width}")
+    if sub == 2 and height % 2:
+        raise BadFrame("odd_height", f"{encoding} needs an even height, got {height}")
     data = _as_bytes(_field(msg, "data", object))
-    if data.size < step * height:
-        raise BadFrame("truncated", f"{data.size} bytes < step {step} x height {height}")
+    needed = step * height if key not in SEMIPLANAR else step * height + 2 * step * height // sub**2
+    if data.size < needed:
+        raise BadFrame("truncated", f"{data.size} bytes < {needed} (step {step}, height {height}, {encoding})")
+    if key in SEMIPLANAR:
+        return _semiplanar_to_rgb(data, key, width, height, step)
 
     rows = data[: step * height].reshape(height, step)[:, :row_bytes]  # [H, step] -> [H, row_bytes]
     if dtype.itemsize > 1:
@@ -160,6 +181,18 @@ def _image_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
     if channels == 1:
         pixels = pixels[:, :, 0]  # Bayer demosaicing wants [H, W]
     return np.ascontiguousarray(cv2.cvtColor(pixels, code))
+
+
+def _semiplanar_to_rgb(data: np.ndarray, key: str, width: int, height: int, step: int) -> np.ndarray:
+    sub, code = SEMIPLANAR[key]
+    y = data[: step * height].reshape(height, step)[:, :width]
+    # chroma: height/sub rows of 2*step/sub bytes, each 2*width/sub bytes of (U, V) or (V, U) pairs
+    c = data[step * height : step * height + 2 * step * height // sub**2].reshape(height // sub, 2 * step // sub)
+    c = c[:, : 2 * width // sub]
+    if code is not None:  # 4:2:0: OpenCV reads the two planes stacked, [H * 3/2, W]
+        return np.ascontiguousarray(cv2.cvtColor(np.vstack([y, c]), code))
+    yuv = np.dstack([y, c.reshape(height, width, 2)])  # [H, W, 3]: Y U V
+    return np.ascontiguousarray(cv2.transform(yuv, _BT601))  # [H, W, 3], saturated and rounded to uint8
 
 
 def _compressed_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:

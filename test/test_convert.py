@@ -15,6 +15,7 @@ from hiera_perception.convert import (
     ENCODINGS,
     MAX_SIDE,
     REASONS,
+    SEMIPLANAR,
     BadFrame,
     compressed_to_rgb,
     image_to_rgb,
@@ -157,6 +158,63 @@ def test_yuv422_byte_order(encoding, data):
     assert out[0, 0].max() < 40 and out[0, 1].min() > 215
 
 
+def i420_planes(rgb):
+    """OpenCV's YUV 4:2:0 of `rgb`: (Y [H, W], U [H/2, W/2], V [H/2, W/2]), and its conversion back to RGB."""
+    h, w = rgb.shape[:2]
+    i420 = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+    flat, q = i420.ravel(), h * w // 4
+    return i420[:h], flat[h * w : h * w + q].reshape(h // 2, w // 2), flat[h * w + q :].reshape(h // 2, w // 2), \
+        cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
+
+
+def make_semiplanar(encoding, y, chroma, pad=0, cls=None):
+    """A semi-planar message: the Y plane's rows, then the chroma plane's rows [rows, 2 * samples], each row
+    padded as the Y rows are (a chroma row of nv24 holds two Y rows' worth of bytes, so twice the padding)."""
+    h, w = y.shape
+    rows = [np.hstack([y, np.full((h, pad), 0xA5, np.uint8)])]
+    rows.append(np.hstack([chroma, np.full((chroma.shape[0], chroma.shape[1] // w * pad), 0x5A, np.uint8)]))
+    msg = cls() if cls is not None else SimpleNamespace()
+    msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian = encoding, h, w, w + pad, 0
+    msg.data = b"".join(r.tobytes() for r in rows)
+    return msg
+
+
+@pytest.mark.parametrize("encoding,order", [("nv21", "vu"), ("NV12", "uv")])
+@pytest.mark.parametrize("pad", [0, 3])
+def test_yuv420_semiplanar_equals_opencv_i420(encoding, order, pad, msg_cls):
+    # the same samples as OpenCV's planar I420, only interleaved: the same RGB to the last bit
+    y, u, v, want = i420_planes(RGB)
+    pairs = np.dstack([v, u] if order == "vu" else [u, v]).reshape(H // 2, W)
+    out = image_to_rgb(make_semiplanar(encoding, y, pairs, pad, cls=msg_cls and msg_cls.Image))
+    check_rgb(out)
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_nv24_is_full_resolution_chroma(pad, msg_cls):
+    # chroma repeated over each 2 x 2 block is what 4:2:0 carries: OpenCV's result within rounding
+    y, u, v, want = i420_planes(RGB)
+    up = [np.repeat(np.repeat(c, 2, axis=0), 2, axis=1) for c in (u, v)]
+    out = image_to_rgb(make_semiplanar("nv24", y, np.dstack(up).reshape(H, 2 * W), pad,
+                                       cls=msg_cls and msg_cls.Image))
+    check_rgb(out)
+    assert np.abs(out.astype(int) - want).max() <= 1
+    # and each pixel has its own colour: chroma alternating grey, red, grey, red along a row stays so
+    chroma = np.tile(np.array([[128, 128, 90, 240]], np.uint8), (2, 2))
+    out = image_to_rgb(make_semiplanar("nv24", np.full((2, 4), 81, np.uint8), chroma)).astype(int)
+    grey, red = out[:, 0::2], out[:, 1::2]
+    assert (grey.max(axis=-1) - grey.min(axis=-1) <= 1).all() and (red[..., 0] > 230).all() and (red[..., 2] < 30).all()
+
+
+@pytest.mark.parametrize("encoding,chroma,red", [("nv21", [240, 90], True), ("nv12", [240, 90], False),
+                                                 ("nv12", [90, 240], True), ("nv24", [90, 240] * 4, True)])
+def test_semiplanar_byte_order(encoding, chroma, red):
+    # written by hand, independent of OpenCV's encoder: BT.601 red is Y 81, U 90, V 240
+    msg = SimpleNamespace(encoding=encoding, height=2, width=2, step=2, is_bigendian=0, data=bytes([81] * 4 + chroma))
+    out = image_to_rgb(msg).astype(int)
+    assert ((out[..., 0] > 230) & (out[..., 2] < 30)).all() == red, out[0, 0].tolist()
+
+
 @pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
 @pytest.mark.parametrize("bits", [8, 16])
 def test_bayer_patterns(pattern, bits):
@@ -179,6 +237,8 @@ def test_encoding_names_case_insensitive_and_every_table_entry_converts():
     assert image_to_rgb(make_raw("RGB8", RGB)).tolist() == RGB.tolist()
     for enc, (channels, dtype, _) in ENCODINGS.items():
         msg = make_raw(enc, np.zeros((4, 6, channels), dtype))
+        if enc in SEMIPLANAR:  # the chroma plane follows the Y plane's rows
+            msg.data += bytes(2 * 4 * 6 // SEMIPLANAR[enc][0] ** 2)
         check_rgb(image_to_rgb(msg), 4, 6)
 
 
@@ -257,6 +317,13 @@ def test_bad_raw_messages_reasons():
     assert reason_of(image_to_rgb, good(data=np.zeros(row * H, np.float32))) == "bad_data"
     yuv = make_raw("yuyv", np.zeros((2, 3, 2), np.uint8))
     assert reason_of(image_to_rgb, yuv) == "odd_width"
+    semi = lambda enc, h, w, size: SimpleNamespace(encoding=enc, height=h, width=w, step=w, is_bigendian=0,  # noqa: E731
+                                                   data=bytes(size))
+    assert reason_of(image_to_rgb, semi("nv21", 3, 4, 18)) == "odd_height"
+    assert reason_of(image_to_rgb, semi("nv12", 2, 3, 9)) == "odd_width"
+    assert reason_of(image_to_rgb, semi("nv21", 2, 4, 11)) == "truncated"  # 8 Y + 4 chroma bytes needed
+    assert reason_of(image_to_rgb, semi("nv24", 2, 4, 23)) == "truncated"  # 8 Y + 16 chroma bytes needed
+    check_rgb(image_to_rgb(semi("nv24", 3, 3, 27)), 3, 3)  # 4:4:4 takes any size
     assert reason_of(image_to_rgb, None) == "bad_field"
 
 
@@ -379,7 +446,7 @@ def test_fuzz_raw_messages():
             continue
         check_rgb(out, h, w)
         counts["ok"] += 1
-        if "yuv" not in enc and "uyvy" not in enc and "yuyv" not in enc and "bayer" not in enc:
+        if not any(k in enc.lower() for k in ("yuv", "uyvy", "yuyv", "bayer", *SEMIPLANAR)):  # a plain layout
             np.testing.assert_array_equal(out, reference_plain(msg, channels, dtype), err_msg=repr(msg))
     # the loop really exercised both sides
     assert counts["ok"] > 50 and {"truncated", "step_too_small", "empty_image", "unknown_encoding"} <= set(counts)
