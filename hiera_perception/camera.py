@@ -77,7 +77,9 @@ class _VideoSource:
         self.path, self.loop = path, loop
         self._cap = self._open()
         fps = self._cap.get(cv2.CAP_PROP_FPS)
-        self.fps = fps if fps and fps > 0 else 30.0
+        # As for a webcam, a rate past MAX_FPS is not believed (some containers report their time base, e.g. 1000):
+        # fps=0 would run the timer at it, past the fps parameter's own range.
+        self.fps = fps if fps and 0 < fps <= MAX_FPS else 30.0
         self.ended = False
 
     def _open(self) -> cv2.VideoCapture:

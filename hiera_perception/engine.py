@@ -164,6 +164,8 @@ class Engine:
 
     def infer(self, clips: Sequence[Sequence[np.ndarray]]) -> list[ClipResult]:
         """A batch of clips, each `num_frames` RGB uint8 frames [H, W, 3] of any size."""
+        if not clips:  # the encoder cannot reshape a batch of 0 (a RuntimeError from deep inside it)
+            return []
         emb, logits = self._forward(clips)
         emb = emb.float().cpu()
         logits = logits.float().cpu() if logits is not None else None

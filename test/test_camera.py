@@ -78,6 +78,22 @@ def test_config_needs_exactly_one_source():
     CameraConfig(**{**base, "camera_index": 0}).validate()
 
 
+def test_video_rate_past_max_fps_is_not_believed(tmp_path):
+    # fps=0 publishes at the file's own rate: a header saying 1000 fps ran the timer at 1000 Hz, past MAX_FPS
+    from hiera_perception.camera import MAX_FPS, _VideoSource
+
+    rates = {}
+    for fps in (1000.0, 15.0, MAX_FPS):
+        path = tmp_path / f"{fps:g}.avi"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (W, H))
+        writer.write(np.zeros((H, W, 3), np.uint8))
+        writer.release()
+        source = _VideoSource(str(path), loop=False)
+        rates[fps] = source.fps
+        source.close()
+    assert rates == {1000.0: 30.0, 15.0: 15.0, MAX_FPS: MAX_FPS}
+
+
 def test_video_file_frames_arrive_in_order_with_increasing_stamps(video):
     import rclpy
     from rclpy.executors import SingleThreadedExecutor

@@ -100,6 +100,7 @@ def test_bad_precision_and_frame_count():
         engine.infer([clip(rng, 64, 64), clip(rng, 64, 64, n=7)])
     with pytest.raises(ValueError, match="got 9"):
         engine.teach("x", [clip(rng, 64, 64, n=9)])
+    assert engine.infer([]) == []  # an empty batch (the encoder could not reshape it: RuntimeError)
 
 
 def test_encoder_version_and_clip_timing(tmp_path):
