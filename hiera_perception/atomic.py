@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_replace"]
 
 
 @contextlib.contextmanager
@@ -27,14 +27,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary data files
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+
+
+def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished file `tmp` (written by anyone, e.g. a video writer) over `path` in the same folder:
+    fsync it, rename it, fsync the folder."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(Path(path).parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

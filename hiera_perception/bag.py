@@ -1,9 +1,10 @@
 """rosbag2 recordings as data: the camera frames of a bag, and its unlabeled clips for pretrain / adapt.
 
 Bags are read with the pure-Python `rosbags` package (no ROS install needed; sqlite3 and mcap storage,
-definitions taken from the bag itself), and images are converted by `convert.image_to_rgb` /
-`convert.compressed_to_rgb`, the node's own conversion, so a bag gives a model exactly the frames the node
-would. Clips are cut by `clip_buffer.ClipBuffer`, the node's own timeline sampling.
+definitions taken from the bag itself, or Humble's for the sqlite3 bags of Humble and older, which carry
+none), and images are converted by `convert.image_to_rgb` / `convert.compressed_to_rgb`, the node's own
+conversion, so a bag gives a model exactly the frames the node would. Clips are cut by
+`clip_buffer.ClipBuffer`, the node's own timeline sampling.
 
 Stamps: a frame's time is its header stamp (when the camera took it), or the time the bag recorded the
 message when the header stamp is zero (drivers that never set it). Frames that cannot be converted are
@@ -37,6 +38,7 @@ IMAGE_TYPES = {
 def _open(path: str | os.PathLike):
     try:
         from rosbags.highlevel import AnyReader
+        from rosbags.typesys import Stores, get_typestore
     except ImportError as e:  # a core dependency for bags only
         raise ImportError("reading rosbag2 needs the `rosbags` package: pip install rosbags") from e
     path = Path(path)
@@ -44,7 +46,9 @@ def _open(path: str | os.PathLike):
         path = path.parent  # a bag is its folder (metadata.yaml beside the storage files)
     if not (path / "metadata.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a rosbag2 folder (no metadata.yaml)")
-    return AnyReader([path])
+    # sqlite3 bags before Iron (Humble's) store no message definitions: read them with Humble's, which for
+    # Image, CompressedImage and Header are every ROS 2 release's. Bags that carry definitions use their own.
+    return AnyReader([path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
 
 
 def bag_image_topics(path: str | os.PathLike) -> dict[str, str]:
@@ -103,8 +107,13 @@ class BagClips(torch.utils.data.Dataset):
     ):
         if topic is None:  # a bag of one camera needs no --topic
             topics = sorted(bag_image_topics(path))
-            if len(topics) != 1:
-                raise ValueError(f"bag {path} has image topics {topics or 'none'}: name one with --topic")
+            if not topics:  # no --topic can help: say what the bag does hold
+                with _open(path) as reader:
+                    found = sorted({f"{c.topic} ({c.msgtype})" for c in reader.connections})
+                raise ValueError(f"bag {path} has no image topic ({' or '.join(sorted(IMAGE_TYPES))}); "
+                                 f"it has: {', '.join(found) or 'no topics'}")
+            if len(topics) > 1:
+                raise ValueError(f"bag {path} has image topics {topics}: name one with --topic")
             topic = topics[0]
         hop_s = frame_stride_s if hop_s is None else hop_s
         max_gap_s = max(1.0, 4 * frame_stride_s) if max_gap_s is None else max_gap_s

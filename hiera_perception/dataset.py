@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from hiera_perception.atomic import atomic_write_text
+from hiera_perception.atomic import atomic_replace, atomic_write_text
 from hiera_perception.preprocess import crop_resize
 from hiera_perception.video import iter_frames
 
@@ -54,8 +54,12 @@ def read_labels_csv(folder: str | Path) -> list[Item]:
         raise FileNotFoundError(
             f"no {LABELS_CSV} in {folder}: a data folder holds labels.csv (columns path,label) beside its videos"
         )
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM spreadsheets write
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{csv_path} is not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8 CSV") from None
     items: list[Item] = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate the BOM spreadsheets write
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in ("path", "label") if c not in columns]
@@ -64,6 +68,8 @@ def read_labels_csv(folder: str | Path) -> list[Item]:
         reader.fieldnames = columns
         for row_number, row in enumerate(reader, start=1):
             where = f"{csv_path} row {row_number} (line {reader.line_num})"
+            if not any((v or "").strip() for k, v in row.items() if k is not None):
+                continue  # a row of empty cells (",", spaces): what spreadsheets write for a blank line
             name = (row.get("path") or "").strip()
             if not name:
                 raise ValueError(f"{where}: empty path")
@@ -88,12 +94,16 @@ def write_labels_csv(folder: str | Path, rows: Iterable[tuple[str, str | None]])
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float, fourcc: str | None = None) -> Path:
-    """RGB uint8 [T, H, W, 3] -> a video file, written under a temporary name and renamed into place.
+    """RGB uint8 [T, H, W, 3] (H and W even) -> a video file, written under a temporary name, fsynced and renamed
+    into place.
 
     `fourcc` defaults to the one `video_format()` found to round-trip; the extension of `path` picks
     the container, so it should match (.mp4 for mp4v, .avi for MJPG).
     """
     path = Path(path)
+    if frames.ndim != 4 or frames.shape[0] < 1 or frames.shape[3] != 3 or frames.shape[1] % 2 or frames.shape[2] % 2:
+        # OpenCV's writers drop the last row and column of an odd size without a word; no frames: an unreadable file
+        raise ValueError(f"write_video needs RGB frames [T >= 1, H, W, 3] with H and W even, got {list(frames.shape)}")
     fourcc = fourcc or video_format()[1]
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the extension: it picks the container
     h, w = frames.shape[1:3]
@@ -106,7 +116,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, fourcc: str | 
         writer.release()
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise OSError(f"OpenCV wrote nothing to {tmp}")
-        os.replace(tmp, path)
+        atomic_replace(tmp, path)  # fsync, rename, fsync the folder
     finally:
         writer.release()
         tmp.unlink(missing_ok=True)
@@ -170,14 +180,23 @@ def load_clip(
     return np.stack([frames[i] for i in _take(path, np.asarray(stamps), times, frame_stride_s)])
 
 
+class _TooShort(ValueError):
+    """A video whose frames end before a clip does; `end`: its last decoded frame's stamp (None: no frame)."""
+
+    def __init__(self, message: str, end: float | None):
+        super().__init__(message)
+        self.end = end
+
+
 def _take(path: str | Path, stamps: np.ndarray, times: np.ndarray, frame_stride_s: float) -> np.ndarray:
     """Index of the frame each sample time takes: the last one whose stamp is at or before it (within _EPS_S)."""
     if not len(stamps) or stamps[-1] < times[-1] - _EPS_S:
-        end = float(stamps[-1]) if len(stamps) else 0.0
-        raise ValueError(
-            f"video {path} is too short: its {len(stamps)} frames end at {max(end, 0.0):.3f} s, but a clip of "
+        end = float(stamps[-1]) if len(stamps) else None
+        raise _TooShort(
+            f"video {path} is too short: its {len(stamps)} frames end at {end or 0.0:.3f} s, but a clip of "
             f"{len(times)} frames every {frame_stride_s:.4g} s from {times[0]:.3f} s "
-            f"needs a frame at {times[-1]:.3f} s"
+            f"needs a frame at {times[-1]:.3f} s",
+            end,
         )
     return np.maximum(np.searchsorted(stamps, times + _EPS_S, side="right") - 1, 0)
 
@@ -292,6 +311,21 @@ class ClipDataset(torch.utils.data.Dataset):
         item = self.items[index // self.clips_per_video]
         if item.path not in self._last_stamps:
             self._last_stamps[item.path] = video_last_stamp(item.path)
+        try:
+            clip = self._clip(index, item)
+        except _TooShort as e:
+            if e.end is None or e.end >= self._last_stamps[item.path] - _EPS_S:
+                raise
+            # The container counts frames that do not decode (a truncated recording): place this clip and
+            # every later one within the frames there are, instead of failing wherever a start falls late.
+            log.warning("video %s: its container says its last frame is at %.3f s, but its frames end at %.3f s "
+                        "(truncated?); clips are placed within those", item.path, self._last_stamps[item.path], e.end)
+            self._last_stamps[item.path] = e.end
+            clip = self._clip(index, item)
+        return torch.from_numpy(clip), self._label_index(item)
+
+    def _clip(self, index: int, item: Item) -> np.ndarray:
+        """Clip `index` of `item`: uint8 [T, S, S, 3], placed within the video's last stamp as known now."""
         span = (self.num_frames - 1) * self.frame_stride_s
         max_start = self._last_stamps[item.path] - span
         if max_start < -_EPS_S:
@@ -316,4 +350,4 @@ class ClipDataset(torch.utils.data.Dataset):
             stamps, frames = self._frames[item.path]
             times = sample_times(self.num_frames, self.frame_stride_s, start)
             clip = frames[_take(item.path, stamps, times, self.frame_stride_s)]
-        return torch.from_numpy(clip), self._label_index(item)
+        return clip

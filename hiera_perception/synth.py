@@ -584,6 +584,8 @@ def write_dataset(
         raise ValueError(f"unknown shift {shift!r}; valid: {SHIFTS}")
     if not seconds > 0 or not fps > 0:
         raise ValueError(f"seconds and fps must be > 0, got seconds={seconds}, fps={fps}")
+    if size[0] % 2 or size[1] % 2:  # video writers silently drop an odd size's last row and column
+        raise ValueError(f"size (H, W) must be even to be written as video, got {tuple(size)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # a re-run overwrites videos: the old labels.csv must not outlive them, naming a mix of old and new clips

@@ -73,6 +73,23 @@ def test_zero_header_stamps_fall_back_to_record_time(tmp_path):
     assert [s for s, _ in iter_bag_frames(path, "/camera/image_raw")] == pytest.approx([5.005, 5.105, 5.205])
 
 
+def test_a_bag_without_message_definitions_reads(tmp_path):
+    """Humble's sqlite3 bags store no message definitions (rosbag2 added them in Iron): they read all the same."""
+    import sqlite3
+
+    path = tmp_path / "humble"
+    write_bag(path, [_frame(i) for i in range(3)], [7.0, 7.1, 7.2])
+    con = sqlite3.connect(next(path.glob("*.db3")))
+    with con:
+        con.execute("DELETE FROM message_definitions")  # what a Humble bag has: none
+    con.close()
+    assert bag_image_topics(path) == {"/camera/image_raw": "sensor_msgs/msg/Image"}
+    got = list(iter_bag_frames(path, "/camera/image_raw"))
+    assert [s for s, _ in got] == pytest.approx([7.0, 7.1, 7.2], abs=1e-9)
+    for i, (_, frame) in enumerate(got):
+        np.testing.assert_array_equal(frame, _frame(i))
+
+
 def test_bad_topics_are_named(bag, tmp_path):
     path = bag[0]
     with pytest.raises(ValueError, match=r"no topic '/nope'.*/camera/image_raw"):
@@ -81,6 +98,19 @@ def test_bad_topics_are_named(bag, tmp_path):
         list(iter_bag_frames(path, "/chatter"))
     with pytest.raises(FileNotFoundError, match="not a rosbag2"):
         list(iter_bag_frames(tmp_path, "/camera/image_raw"))
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    String = store.types["std_msgs/msg/String"]
+    chatter = tmp_path / "chatter"
+    with Writer(chatter, version=9) as writer:
+        conn = writer.add_connection("/chatter", String.__msgtype__, typestore=store)
+        writer.write(conn, 1, store.serialize_cdr(String(data="hi"), String.__msgtype__))
+    # no --topic can help here: the error says what the bag holds instead of asking for one
+    with pytest.raises(ValueError, match=r"bag .*chatter has no image topic \(sensor_msgs/msg/CompressedImage or "
+                                         r"sensor_msgs/msg/Image\); it has: /chatter \(std_msgs/msg/String\)$"):
+        BagClips(chatter, None, 2, 0.1, 8)
 
 
 def test_bag_clips_match_the_clip_buffer(bag):

@@ -73,6 +73,41 @@ def test_load_clip_resizes_and_rejects_short_videos(folder):
         load_clip(path, 3, 0.0)
 
 
+def test_write_video_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    import os
+
+    import hiera_perception.dataset as dataset
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dataset.os, "fsync", fsync)
+    monkeypatch.setattr(dataset.os, "replace", replace)
+    path = tmp_path / "v.avi"
+    dataset.write_video(path, np.zeros((2, 16, 16, 3), np.uint8), 10.0, "MJPG")
+    tmp = str(tmp_path / ".v.tmp.avi")
+    assert calls == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]  # data, then the rename
+    assert len(all_frames(path)) == 2
+
+
+@pytest.mark.parametrize("shape", [(2, 25, 32, 3), (2, 24, 33, 3), (0, 16, 16, 3), (2, 16, 16)])
+def test_write_video_refuses_what_it_cannot_write_faithfully(tmp_path, shape):
+    """An odd size came back cropped (25x33 -> 24x32) and no frames made an unreadable file, without a word."""
+    from hiera_perception.dataset import write_video
+
+    with pytest.raises(ValueError, match=r"H and W even, got \[" + ", ".join(map(str, shape))):
+        write_video(tmp_path / "v.avi", np.zeros(shape, np.uint8), 10.0, "MJPG")
+    assert not list(tmp_path.iterdir())
+
+
 def test_bad_csv_errors_name_the_problem(tmp_path, folder):
     with pytest.raises(FileNotFoundError, match="labels.csv"):
         read_labels_csv(tmp_path)
@@ -88,6 +123,19 @@ def test_bad_csv_errors_name_the_problem(tmp_path, folder):
         read_labels_csv(tmp_path)
     (tmp_path / "labels.csv").write_text("path,label\n")
     with pytest.raises(ValueError, match="names no videos"):
+        read_labels_csv(tmp_path)
+
+
+def test_csv_rows_of_empty_cells_are_blank_lines_and_a_non_utf8_file_is_named(tmp_path, folder):
+    """Spreadsheets save blank lines as "," (or spaces): those stopped the read with "empty path"."""
+    video = read_labels_csv(folder)[0].path
+    (tmp_path / "labels.csv").write_text(f"\ufeff path , label \r\n{video}, wave \r\n,\r\n   \r\n , \r\n")
+    assert read_labels_csv(tmp_path) == [Item(video, "wave")]
+    (tmp_path / "labels.csv").write_text("path,label\n,\n , \n")
+    with pytest.raises(ValueError, match="names no videos"):
+        read_labels_csv(tmp_path)
+    (tmp_path / "labels.csv").write_bytes(f"path,label\n{video},caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"labels.csv is not UTF-8 \(byte \d+: invalid continuation byte\)"):
         read_labels_csv(tmp_path)
 
 
@@ -161,6 +209,36 @@ def test_clip_dataset_cache_frames_warns_when_it_will_outgrow_free_memory(folder
         assert f"about {need / 2**30:.2f} GiB for 8 videos" in caplog.text  # said once, at the first video
         assert caplog.text.count("frame cache") == 1 + warned
         assert ("more than 80% of the" in caplog.text) == warned
+
+
+@pytest.mark.parametrize("cache_frames", [False, True])
+def test_a_truncated_video_gives_clips_within_the_frames_it_has(tmp_path, caplog, cache_frames):
+    """A recording cut short keeps its header's frame count (20 here) while fewer frames decode: clips placed by
+    the header failed as "too short" wherever a start fell late (mid-epoch, in training)."""
+    import hiera_perception.dataset as dataset
+    from hiera_perception.dataset import video_last_stamp, write_labels_csv, write_video
+
+    frames = np.random.default_rng(0).integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)  # frames outweigh the header
+    full = write_video(tmp_path / "full.avi", frames, 10.0, "MJPG")
+    data = full.read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
+    full.unlink()
+    write_labels_csv(tmp_path, [("cut.avi", "wave")])
+    decoded = all_frames(tmp_path / "cut.avi")
+    assert video_last_stamp(tmp_path / "cut.avi") == pytest.approx(1.9) and 4 <= len(decoded) < 13
+    ds = ClipDataset(tmp_path, num_frames=4, frame_stride_s=0.2, size=16, cache_frames=cache_frames)
+    logger = logging.getLogger(dataset.__name__)  # the launch_testing plugin turns propagation off
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger=dataset.__name__):
+            clip, label = ds[0]
+    finally:
+        logger.removeHandler(caplog.handler)
+    end = (len(decoded) - 1) / 10
+    start = (end - 0.6) / 2  # the middle of the frames there are
+    np.testing.assert_array_equal(clip.numpy(), load_clip(tmp_path / "cut.avi", 4, 0.2, start, size=16))
+    assert label == 0 and f"last frame is at 1.900 s, but its frames end at {end:.3f} s" in caplog.text
+    np.testing.assert_array_equal(ds[0][0], clip)  # later clips are placed alike
 
 
 def test_clip_dataset_classes_unlabeled_and_too_short(tmp_path, folder):

@@ -273,6 +273,14 @@ def test_cli_rejects_a_bad_size(tmp_path):
         cli.main(["synth", "--out", str(tmp_path), "--clips", "1", "--size", "4x4"])
 
 
+def test_an_odd_size_is_refused_before_anything_is_written(tmp_path, capsys):
+    """OpenCV's video writers drop an odd size's last row and column: 33x25 came out 32x24, silently."""
+    out = tmp_path / "odd"
+    assert cli.main(["synth", "--out", str(out), "--clips", "1", "--seconds", "0.2", "--fps", "10",
+                     "--size", "33x25", "--no-progress"]) == 1
+    assert "must be even" in capsys.readouterr().err and not out.exists()
+
+
 def test_camera_mostly_keeps_the_scene_across_a_change_of_action():
     # Two in three changes happen in the same room with the same actor, who starts the new action where the old
     # one left it (when that is inside the view); the rest cut to a new scene. Both kinds must occur.
