@@ -121,6 +121,9 @@ class _WebcamSource:
         if self.width and self.height:  # a request: the driver picks its nearest mode
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
             cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        # V4L2 queues 4 frames by default: a timer a little slower than the camera would read (and stamp
+        # "now") frames up to 4 periods old. One buffer keeps each read the newest; backends without it ignore it.
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         return cap
 
     def read(self) -> tuple[np.ndarray | None, str | None]:

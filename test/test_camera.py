@@ -94,6 +94,42 @@ def test_video_rate_past_max_fps_is_not_believed(tmp_path):
     assert rates == {1000.0: 30.0, 15.0: 15.0, MAX_FPS: MAX_FPS}
 
 
+def test_webcam_asks_for_one_buffer_and_reopens_after_failures(monkeypatch):
+    # No camera here: a stand-in capture records what the source asks of OpenCV.
+    from hiera_perception import camera
+
+    opened = []
+
+    class Capture:
+        def __init__(self, index):
+            self.props, self.frames = {}, [np.zeros((4, 6, 3), np.uint8)]
+            opened.append(self)
+
+        def isOpened(self):
+            return True
+
+        def set(self, prop, value):
+            self.props[prop] = value
+            return True
+
+        def get(self, prop):
+            return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
+
+        def read(self):
+            return (True, self.frames.pop()) if self.frames else (False, None)
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(camera.cv2, "VideoCapture", Capture)
+    src = camera._WebcamSource(0, 640, 480)
+    assert opened[0].props == {cv2.CAP_PROP_FRAME_WIDTH: 640, cv2.CAP_PROP_FRAME_HEIGHT: 480, cv2.CAP_PROP_BUFFERSIZE: 1}
+    assert src.read()[0].shape == (4, 6, 3)
+    for _ in range(camera._FAILURES_BEFORE_REOPEN):
+        assert src.read() == (None, None)
+    assert len(opened) == 2 and opened[1].props[cv2.CAP_PROP_BUFFERSIZE] == 1
+
+
 def test_video_file_frames_arrive_in_order_with_increasing_stamps(video):
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
