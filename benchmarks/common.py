@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +21,26 @@ from hiera_perception.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def commit() -> str | None:
+    """The repository's commit ("+dirty" with uncommitted changes to tracked files), None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def machine() -> dict:
@@ -36,6 +59,9 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "hiera_transformer": _version("hiera-transformer"),  # the official side of ours-vs-official
+        "numpy": _version("numpy"),
+        "commit": commit(),
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -70,17 +96,19 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
 
 
 def summary(ms: list[float]) -> dict:
-    q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else [ms[0]] * 9
+    # inclusive: p10/p90 between the fastest and slowest sample (the default "exclusive" method extrapolates
+    # beyond them for fewer than 9 samples: 6 samples 1..6 gave p10 0.7 and p90 6.3)
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) >= 2 else [ms[0]] * 9
     return {"median_ms": statistics.median(ms), "p10_ms": q[0], "p90_ms": q[-1], "n": len(ms),
             "samples_ms": [round(x, 3) for x in ms]}
 
 
 def percentiles(ms: list[float], ps=(50, 95, 99)) -> dict:
-    """Latency percentiles by the nearest-rank rule, in ms."""
+    """Latency percentiles by the nearest-rank rule (the ceil(p/100 * n)-th smallest sample), in ms."""
     if not ms:
         return {f"p{p}_ms": None for p in ps}
     s = sorted(ms)
-    return {f"p{p}_ms": s[min(len(s) - 1, max(0, round(p / 100 * len(s)) - 1))] for p in ps}
+    return {f"p{p}_ms": s[min(len(s) - 1, max(0, math.ceil(p * len(s) / 100) - 1))] for p in ps}
 
 
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:

@@ -66,19 +66,34 @@ def memory_summary(samples: list[tuple[float, float]]) -> dict:
             "rss_growth_mb_per_min": slope, "samples": len(samples)}
 
 
+def warm_up(engine: Engine, buf: ClipBuffer, frames: list[np.ndarray], fps: float, clips: int = 3) -> None:
+    """First calls allocate and pick kernels: run `clips` clips from a buffer like the measured one, so they take
+    the measured clips' path (with device_resize, one full-size frame per clip, not a clip of full-size ones)."""
+    done, i = 0, 0
+    while done < clips:
+        for clip in buf.push(i / fps, frames[i % len(frames)]):
+            engine.infer([clip.frames])
+            done += 1
+        i += 1
+
+
 def run(args) -> dict:
     if args.minutes is not None:
         args.seconds = 60.0 * args.minutes
     engine = Engine(args.model, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph,
                     compile=args.compile, device_resize=args.device_resize)
-    buf = ClipBuffer(engine.num_frames, engine.frame_stride_s, args.hop, max_gap_s=1.0, frame_size=engine.size,
-                     shrink_newest=not args.device_resize)
+
+    def clip_buffer() -> ClipBuffer:
+        return ClipBuffer(engine.num_frames, engine.frame_stride_s, args.hop, max_gap_s=1.0, frame_size=engine.size,
+                          shrink_newest=not args.device_resize)
+
+    buf = clip_buffer()
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8) for _ in range(8)]
-    for _ in range(3):  # warm-up: first calls allocate and pick kernels
-        engine.infer([[frames[0]] * engine.num_frames])
+    warm_up(engine, clip_buffer(), frames, args.fps)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
+    compiled = args.compile and engine.device.type == "cuda"  # the Engine ignores compile off a GPU
     lat_ms, infer_ms, push_ms, late = [], [], [], 0
     n = int(args.seconds * args.fps)
     t_start = time.perf_counter()
@@ -106,19 +121,20 @@ def run(args) -> dict:
     wall = time.perf_counter() - t_start
     mem.append((wall, rss_mb()))
     res = {"model": engine.encoder_version, "config": engine.model.config.name, "device": args.device,
-           "precision": args.precision, "cuda_graph": engine.cuda_graph, "compile": args.compile,
+           "precision": args.precision, "cuda_graph": engine.cuda_graph, "compile": compiled,
            "device_resize": args.device_resize,
            "fps_in": args.fps, "hop_s": args.hop, "frames": n, "clips": len(lat_ms),
            "frame_size": [args.height, args.width], "realtime": args.realtime, "frames_late": late,
            "clips_per_s": len(lat_ms) / wall, "wall_s": wall,
            "latency": percentiles(lat_ms), "infer": percentiles(infer_ms), "push": percentiles(push_ms),
+           "latency_samples_ms": [round(x, 3) for x in lat_ms],  # per clip, in order: the percentiles recomputable
            "memory": memory_summary(mem)}
     if engine.device.type == "cuda":
         res["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
     m = res["memory"]
     growth = "-" if m["rss_growth_mb_per_min"] is None else f"{m['rss_growth_mb_per_min']:+.2f}"
     res["title"] = "Engine latency (uint8 frames in, labels out, no ROS)"
-    mode = "+".join(k for k, on in (("cuda graph", engine.cuda_graph), ("compile", args.compile),
+    mode = "+".join(k for k, on in (("cuda graph", engine.cuda_graph), ("compile", compiled),
                                     ("device resize", args.device_resize)) if on) or "eager"
     res["table"] = {"columns": ["model", "device", "precision", "mode", "fps in", "clips", "p50 ms", "p95 ms",
                                 "p99 ms", "late frames", "minutes", "peak RSS MB", "RSS growth MB/min"],

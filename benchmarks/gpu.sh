@@ -28,7 +28,8 @@ if [ -n "${OUT:-}" ]; then RESULTS="$OUT/results"; elif [ "$DRY" = 1 ]; then RES
 mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "$DRY" = 0 ] && ls .gpu_wheels/*.whl >/dev/null 2>&1; then
-  $PY -m pip install --quiet --no-deps --no-index .gpu_wheels/*.whl
+  # not fatal: without the official package only its steps fail (the engine's need none)
+  $PY -m pip install --quiet --no-deps --no-index .gpu_wheels/*.whl || echo "!! pip install of .gpu_wheels failed"
 fi
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>/dev/null || true
@@ -38,8 +39,18 @@ if [ "$DRY" = 1 ]; then
 else
   BASE=hiera_base_16x224; REPEATS=20; SECONDS_ENGINE=10; BATCHES="1 8 32 64"
 fi
-# Every step has its own time limit and writes its own file, so one failure costs only its numbers.
-step() { echo "== $*"; timeout 200 "$@" || echo "!! failed: $*"; }
+# Every step has its own time limit and writes its own file, so one failure costs only its numbers. The whole set
+# stops within GPU_BUDGET_S (default 480 s: a step that would start with under 30 s left is skipped, a running one
+# is cut at the deadline), and the tarball is packed after every step: a run cut short still brings back what it did.
+BUDGET=${GPU_BUDGET_S:-$([ "$DRY" = 1 ] && echo 1800 || echo 480)}
+pack() { if [ -n "${OUT:-}" ]; then tar -czf "$OUT/gpu_results.tar.gz.tmp" -C "$RESULTS" . \
+  && mv "$OUT/gpu_results.tar.gz.tmp" "$OUT/gpu_results.tar.gz"; fi; }
+step() {
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 30 ]; then echo "!! skipped (time budget, ${SECONDS}s of ${BUDGET}s used): $*"; return; fi
+  echo "== $*"; timeout $((left < 200 ? left : 200)) "$@" || echo "!! failed: $*"
+  pack || echo "!! packing $OUT/gpu_results.tar.gz failed"
+}
 # encoder, ours vs official eager, same weights: eager and replayed from a CUDA graph; then torch.compile
 step $PY -m benchmarks encoder --device "$DEVICE" --precision bf16 --configs $BASE --batch $BATCHES \
   --repeats $REPEATS --cuda-graph --out "$RESULTS"
@@ -67,4 +78,5 @@ step $PY -m benchmarks encoder --device "$DEVICE" --precision bf16 --configs $BA
 step $PY -m benchmarks mae_step --device "$DEVICE" --precision bf16 --configs $BASE --batch 8 \
   --repeats $REPEATS --compile --name "mae_step_${DEVICE%%:*}_bf16_compile" --out "$RESULTS"
 ls -l "$RESULTS"
-if [ -n "${OUT:-}" ]; then tar -czf "$OUT/gpu_results.tar.gz" -C "$RESULTS" . && echo "packed $OUT/gpu_results.tar.gz"; fi
+echo "total ${SECONDS}s"
+if [ -n "${OUT:-}" ]; then pack && echo "packed $OUT/gpu_results.tar.gz"; fi

@@ -15,10 +15,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_engine_benchmark_writes_latency_and_memory(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "engine", "--model", "hiera_tiny_8x64", "--seconds", "4",
-           "--width", "160", "--height", "120", "--out", str(tmp_path), "--name", "engine_test"]
+           "--width", "160", "--height", "120", "--out", str(tmp_path), "--name", "engine_test", "--compile"]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=300, capture_output=True)
     res = json.loads((tmp_path / "engine_test.json").read_text())
     assert res["frames"] == 120 and res["clips"] > 0 and res["machine"]["cores"] >= 1
+    assert res["compile"] is False and res["table"]["rows"][0][3] == "eager"  # on CPU the Engine compiles nothing
     lat = res["latency"]
     assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"]
     mem = res["memory"]
@@ -26,6 +27,67 @@ def test_engine_benchmark_writes_latency_and_memory(tmp_path):
     assert mem["rss_max_sampled_mb"] <= mem["rss_peak_mb"] + 1  # the kernel's high-water mark bounds the samples
     assert isinstance(mem["rss_growth_mb_per_min"], float)
     assert len(res["table"]["rows"][0]) == len(res["table"]["columns"])
+    from benchmarks.common import percentiles
+
+    assert len(res["latency_samples_ms"]) == res["clips"]  # the stored samples give back the reported percentiles
+    assert percentiles(res["latency_samples_ms"]) == pytest.approx(lat, abs=1e-3)
+
+
+def test_latency_percentiles_are_nearest_rank():
+    from benchmarks.common import percentiles
+
+    # the ceil(p/100 * n)-th smallest: of 32 clips p95 is the 31st (round() gave the 30th), p99 the largest
+    assert percentiles([float(x) for x in range(32, 0, -1)]) == {"p50_ms": 16, "p95_ms": 31, "p99_ms": 32}
+    assert percentiles(list(range(1, 13)))["p95_ms"] == 12  # 11.4 -> 12th (round() gave the 11th)
+    assert percentiles(list(range(1, 101))) == {"p50_ms": 50, "p95_ms": 95, "p99_ms": 99}
+    assert percentiles([7.0]) == {"p50_ms": 7.0, "p95_ms": 7.0, "p99_ms": 7.0}
+    assert percentiles([]) == {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+
+
+def test_speed_summary_p10_p90_stay_within_the_samples():
+    from benchmarks.common import summary
+
+    # 6 repeats (the mae_step default): the "exclusive" quantiles gave p10 0.7 and p90 6.3, outside the samples
+    s = summary([6.0, 1.0, 5.0, 2.0, 4.0, 3.0])
+    assert s["p10_ms"] == pytest.approx(1.5) and s["p90_ms"] == pytest.approx(5.5) and s["median_ms"] == 3.5
+    for ms in ([1.0, 2.0], [3.0, 1.0, 2.0], [float(x) for x in range(20)]):
+        s = summary(ms)
+        assert min(ms) <= s["p10_ms"] <= s["median_ms"] <= s["p90_ms"] <= max(ms)
+
+
+def test_result_metadata_names_the_commit_and_the_official_version():
+    from benchmarks.common import machine
+
+    m = machine()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert m["commit"].split("+")[0] == head.stdout.strip()
+    assert "hiera_transformer" in m and m["torch"] == torch.__version__
+
+
+def test_engine_warm_up_takes_the_path_of_the_measured_clips():
+    # With device_resize the measured clips carry one full-size frame (the newest); a warm-up on clips of full-size
+    # frames left that path (its host staging buffer, a one-frame resize) to the first measured clip.
+    import numpy as np
+
+    from benchmarks.engine import warm_up
+    from hiera_perception.clip_buffer import ClipBuffer
+    from hiera_perception.engine import Engine
+
+    engine = Engine("hiera_tiny_8x64", device="cpu", device_resize=True)
+
+    def buf():
+        return ClipBuffer(engine.num_frames, engine.frame_stride_s, 0.25, max_gap_s=1.0, frame_size=engine.size,
+                          shrink_newest=False)
+
+    frames = [np.random.default_rng(i).integers(0, 256, (120, 160, 3), dtype=np.uint8) for i in range(2)]
+    warm_up(engine, buf(), frames, 30.0)
+    warmed = set(engine._staging)
+    measured, i = buf(), 0
+    while not (clips := measured.push(i / 30.0, frames[i % 2])):
+        i += 1
+    engine.infer([clips[0].frames])
+    assert warmed and set(engine._staging) == warmed
 
 
 def test_recovered_counts_only_a_loss_beyond_the_test_sets_noise():
@@ -95,3 +157,24 @@ def test_gpu_script_dry_run_on_cpu_writes_every_result(tmp_path):
     for name in names:
         res = json.loads((tmp_path / "results" / name).read_text())
         assert res["machine"]["torch"] == torch.__version__ and res["device"] == "cpu"
+
+
+def test_gpu_script_survives_a_failed_pip_and_keeps_to_its_time_budget(tmp_path):
+    # On the GPU machine a pip that refuses (an externally managed Python) stopped the whole set under `set -e`; the
+    # set keeps to GPU_BUDGET_S (here 0: every step skipped) and still packs the tarball the device tool brings back.
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "gpu.sh").write_text((REPO / "benchmarks" / "gpu.sh").read_text())
+    (tmp_path / ".gpu_wheels").mkdir()
+    (tmp_path / ".gpu_wheels" / "hiera_transformer-0.1.4-py3-none-any.whl").write_bytes(b"")
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then echo "error: externally-managed-environment" >&2; '
+                    f'exit 1; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu"], cwd=tmp_path, timeout=120, capture_output=True,
+                         text=True, env={**os.environ, "OUT": str(out), "PYTHON": str(fake), "GPU_BUDGET_S": "0"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "!! pip install of .gpu_wheels failed" in run.stdout
+    assert "\n== " not in run.stdout and run.stdout.count("!! skipped (time budget") == 11
+    with tarfile.open(out / "gpu_results.tar.gz") as tar:
+        assert not [n for n in tar.getnames() if n.endswith(".json")]
