@@ -1,8 +1,9 @@
 """Node latency over real ROS 2: camera frame published -> /action_features received, adaptation off and on.
 
 Runs `hiera-perception demo` (synthetic camera at 30 fps -> perception node -> consumer, three processes,
-real DDS on this machine) once per variant and keeps its summary: clips/s and latency p50/p95/p99 (the
-consumer's clock minus the clip's last frame stamp). Both variants run on the same model, one after the other.
+real DDS on this machine) once per variant and keeps its summary: clips/s, latency p50/p95/p99 (the
+consumer's clock minus the clip's last frame stamp), and the frames the node never received and the clips it cut
+but never delivered (demo.DemoStats.drops). Both variants run on the same model, one after the other.
 
     python -m benchmarks node --seconds 90
 """
@@ -51,6 +52,13 @@ def _run_demo(args, extra: list[str]) -> dict:
     return next(line["summary"] for line in reversed(lines) if "summary" in line)
 
 
+def _dropped(s: dict, what: str, of: str) -> str:
+    """'n of N (x%)' from the demo's summary, '-' where it could not count them."""
+    if s.get(f"{what}_dropped_share") is None:
+        return "-"
+    return f"{s[f'{what}_dropped']} of {s[of]} ({100 * s[f'{what}_dropped_share']:.2f}%)"
+
+
 def main(args) -> None:
     runs = []  # interleaved, so a passing disturbance of the machine hits both variants alike
     for r in range(args.repeats):
@@ -59,13 +67,16 @@ def main(args) -> None:
             runs.append((name, r, s))
             print(f"{name} #{r}: {s['clips']} clips, {s['clips_per_s']} clips/s, latency p50 {s['latency_p50_ms']} ms, "
                   f"p95 {s['latency_p95_ms']} ms, p99 {s['latency_p99_ms']} ms, {s['encoder_swaps']} encoder swaps "
-                  f"({' -> '.join(s['encoder_versions'])})")
+                  f"({' -> '.join(s['encoder_versions'])}), frames dropped {_dropped(s, 'frames', 'camera_frames')}, "
+                  f"clips dropped {_dropped(s, 'clips', 'clips_cut')}")
     p95 = {n: statistics.median(s["latency_p95_ms"] for m, _, s in runs if m == n) for n in VARIANTS}
     ratio = p95["adaptation on"] / p95["adaptation off"]
-    table = {"columns": ["variant", "run", "clips", "clips/s", "p50 ms", "p95 ms", "p99 ms", "camera fps", "swaps"],
+    table = {"columns": ["variant", "run", "clips", "clips/s", "p50 ms", "p95 ms", "p99 ms", "camera fps",
+                         "frames dropped", "clips dropped", "swaps"],
              "rows": [[n, r, s["clips"], s["clips_per_s"], s["latency_p50_ms"], s["latency_p95_ms"], s["latency_p99_ms"],
-                       s["camera_fps"], s["encoder_swaps"]] for n, r, s in runs]}
-    table["rows"].append(["median p95: on / off", "", "", "", "", f"{ratio:.2f}x", "", "", ""])
+                       s["camera_fps"], _dropped(s, "frames", "camera_frames"), _dropped(s, "clips", "clips_cut"),
+                       s["encoder_swaps"]] for n, r, s in runs]}
+    table["rows"].append(["median p95: on / off", "", "", "", "", f"{ratio:.2f}x", "", "", "", "", ""])
     write_result("node_cpu", {"title": "Node latency over ROS 2 (frame published -> ActionFeatures received), 30 fps",
                               "seconds": args.seconds, "runs": [{"variant": n, "run": r, **s} for n, r, s in runs],
                               "median_p95_ms": p95, "p95_ratio_on_off": ratio, "table": table}, args.out)

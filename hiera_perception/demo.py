@@ -100,6 +100,12 @@ class DemoStats:
     truth_stamps: int = 0
     truth_span_ns: tuple[int, int] | None = None
     versions: list[str] = field(default_factory=list)  # encoder versions in order of first appearance
+    # The node's /diagnostics counters (frames_received, clips_published, queue_drops, inference_errors): the first
+    # report after the camera's first true_action, and the last one; `final` once it came after the camera stopped.
+    node_first: tuple[int, dict[str, int]] | None = None  # (report stamp ns, counters)
+    node_last: dict[str, int] | None = None
+    frames_after_first: int = 0  # camera frames (true_action stamps) stamped after node_first's report
+    final: bool = False
 
     def summary(self) -> dict:
         n = len(self.received_s)
@@ -109,6 +115,7 @@ class DemoStats:
         camera_fps = None
         if self.truth_span_ns and self.truth_stamps > 1:
             camera_fps = (self.truth_stamps - 1) / max((self.truth_span_ns[1] - self.truth_span_ns[0]) * 1e-9, 1e-9)
+        drops = self.drops()
         return {
             "clips": n,
             "seconds": round(span, 3),
@@ -126,7 +133,28 @@ class DemoStats:
             # adaptation: the versions served during the run; swaps = how many times a new one appeared
             "encoder_versions": self.versions,
             "encoder_swaps": max(0, len(self.versions) - 1),
+            **drops,
         }
+
+    def drops(self) -> dict:
+        """Frames the camera sent that the node never received, and clips the node cut but did not publish
+        (dropped from its queue, or failed), as shares. Both are counted between the node's first report after the
+        camera's first true_action and its report after the camera stopped, so start-up discovery is not counted
+        as loss; None where that window is missing (Ctrl-C, a real camera)."""
+        out = {"camera_frames": None, "frames_dropped": None, "frames_dropped_share": None,
+               "clips_cut": None, "clips_dropped": None, "clips_dropped_share": None}
+        if self.node_first is None or self.node_last is None or not self.final:
+            return out
+        (_, first), last = self.node_first, self.node_last
+        if self.frames_after_first:
+            sent = self.frames_after_first
+            lost = max(0, sent - (last["frames_received"] - first["frames_received"]))
+            out.update(camera_frames=sent, frames_dropped=lost, frames_dropped_share=round(lost / sent, 4))
+        dropped = sum(last[k] - first[k] for k in ("queue_drops", "inference_errors"))
+        cut = last["clips_published"] - first["clips_published"] + dropped
+        if cut:
+            out.update(clips_cut=cut, clips_dropped=dropped, clips_dropped_share=round(dropped / cut, 4))
+        return out
 
 
 def format_summary(s: dict) -> str:
@@ -144,6 +172,10 @@ def format_summary(s: dict) -> str:
         parts.append(f"latency p50 {s['latency_p50_ms']:.0f} ms, p95 {s['latency_p95_ms']:.0f} ms")
     if s["camera_fps"]:
         parts.append(f"camera {s['camera_fps']:.1f} fps")
+    if s.get("frames_dropped_share") is not None:
+        parts.append(f"{s['frames_dropped']} of {s['camera_frames']} frames dropped")
+    if s.get("clips_dropped_share") is not None:
+        parts.append(f"{s['clips_dropped']} of {s['clips_cut']} clips dropped")
     return "; ".join(parts)
 
 
@@ -202,6 +234,8 @@ def _make_printer(args: argparse.Namespace, stats: DemoStats):
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
+    from diagnostic_msgs.msg import DiagnosticArray
+
     from hiera_perception.camera import parse_true_action
     from hiera_perception_msgs.msg import ActionFeatures
     from std_msgs.msg import String
@@ -216,6 +250,8 @@ def _make_printer(args: argparse.Namespace, stats: DemoStats):
             return
         truth.append((stamp, action))
         stats.truth_stamps += 1
+        if stats.node_first is not None and stamp > stats.node_first[0]:
+            stats.frames_after_first += 1
         first = stats.truth_span_ns[0] if stats.truth_span_ns else stamp
         stats.truth_span_ns = (first, stamp)
 
@@ -258,8 +294,31 @@ def _make_printer(args: argparse.Namespace, stats: DemoStats):
         print(f"{t:7.2f}s  true {actual or '-':<11} | {top:<48} | {msg.encoder_version} | "
               f"{latency_s * 1e3:5.0f} ms  {mark}", flush=True)
 
+    def on_diagnostics(msg: DiagnosticArray) -> None:
+        status = next((st for st in msg.status if st.name.endswith(": pipeline")), None)
+        if status is None:
+            return
+        values = {kv.key: kv.value for kv in status.values}
+        try:
+            counts = {k: int(values[k]) for k in ("frames_received", "clips_published", "queue_drops",
+                                                  "inference_errors")}
+        except (KeyError, ValueError):
+            return
+        stats.node_last = counts
+        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        if stats.node_first is None and truth:
+            # frames already seen stamped after this report: their true_action overtook the report
+            stats.node_first = (stamp, counts)
+            stats.frames_after_first = sum(1 for s, _ in truth if s > stamp)
+        if stats.final is False and stop_ns[0] is not None and stamp > stop_ns[0]:
+            stats.final = True
+
+    stop_ns: list[int | None] = [None]  # set by stop_camera(): reports stamped after it count everything
+
     printer = Node("demo_printer")
     reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    printer.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    printer.stop_ns = stop_ns
     printer.create_subscription(ActionFeatures, "action_features", on_features, reliable)
     printer.create_subscription(String, "/camera_publisher/true_action", on_truth,
                                 QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
@@ -352,6 +411,23 @@ def _embedded_or_untrained(workdir: Path) -> str:
                                extra={"sampling": {"frame_stride_s": 0.1}}))
 
 
+def _final_counts(executor, printer, children: dict[str, subprocess.Popen], stats: DemoStats,
+                  timeout_s: float = 5.0) -> None:
+    """Stop the camera, then wait for a node report stamped after it (every frame sent is in or lost by then)
+    and for the clips still in the node's queue."""
+    camera = children["camera_publisher"]
+    camera.send_signal(signal.SIGINT)
+    try:
+        camera.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return  # _stop kills it; the counts stay incomplete
+    # transport takes milliseconds: a report 0.2 s after the last frame has counted it
+    printer.stop_ns[0] = printer.get_clock().now().nanoseconds + 200_000_000
+    deadline = time.monotonic() + timeout_s
+    while not stats.final and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.1)
+
+
 def _run(args: argparse.Namespace, stats: DemoStats, children: dict[str, subprocess.Popen], workdir: Path) -> int:
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
@@ -380,6 +456,7 @@ def _run(args: argparse.Namespace, stats: DemoStats, children: dict[str, subproc
                                   _log_tail(workdir, "hiera_perception"))
                         return 1
                 elif args.duration and now - stats.received_s[0] >= args.duration:
+                    _final_counts(executor, printer, children, stats)
                     return 0
         finally:
             printer.destroy_node()

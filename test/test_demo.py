@@ -27,7 +27,7 @@ sys.exit(demo.main(p.parse_args()))
 LINE = re.compile(r"^ *(\d+\.\d\d)s  true (\S+) +\| (.+?) +\| (\S+@\d+) \| +(\d+) ms  (ok|XX)?( ~)?$")
 SUMMARY = re.compile(r"^summary: (\d+) clips in [\d.]+ s \(([\d.]+) clips/s\); top label = true action for "
                      r"([\d.]+)% of the (\d+) clips after the first second.*; latency p50 (\d+) ms, p95 (\d+) ms; "
-                     r"camera ([\d.]+) fps$")
+                     r"camera ([\d.]+) fps; (\d+) of (\d+) frames dropped; (\d+) of (\d+) clips dropped$")
 
 
 def test_summary_figures():
@@ -41,11 +41,24 @@ def test_summary_figures():
                  "majority_correct_share": 0.5, "single_action_clips": 3, "single_action_correct_share": 0.6667,
                  "latency_p50_ms": 70.0,
                  "latency_p95_ms": 416.0, "latency_p99_ms": 483.2, "camera_fps": 30.0,
-                 "encoder_versions": ["m@0", "m@1", "m@2"], "encoder_swaps": 2}
+                 "encoder_versions": ["m@0", "m@1", "m@2"], "encoder_swaps": 2,
+                 "camera_frames": None, "frames_dropped": None, "frames_dropped_share": None,
+                 "clips_cut": None, "clips_dropped": None, "clips_dropped_share": None}
     assert format_summary(s) == (
         "summary: 5 clips in 2.0 s (2.00 clips/s); top label = true action for 75.0% of the 4 clips after the "
         "first second (66.7% of the 3 within one action; 50.0% counting only the majority action of a change); "
         "latency p50 70 ms, p95 416 ms; camera 30.0 fps")
+    # The node's counters: 28 frames sent after its first report (which had counted 40), 66 received by its last
+    # (after the camera stopped): 2 lost. 6 clips published since the first report, 1 dropped from the queue and
+    # 1 failed: 2 of 8 (the 3 published before it, maybe before the printer listened, are not counted).
+    stats.node_first = (10**9, {"frames_received": 40, "clips_published": 3, "queue_drops": 1, "inference_errors": 0})
+    stats.node_last = {"frames_received": 66, "clips_published": 9, "queue_drops": 2, "inference_errors": 1}
+    stats.frames_after_first = 28
+    assert stats.drops()["frames_dropped"] is None  # not final: the camera may still be sending
+    stats.final = True
+    assert stats.drops() == {"camera_frames": 28, "frames_dropped": 2, "frames_dropped_share": 0.0714,
+                             "clips_cut": 8, "clips_dropped": 2, "clips_dropped_share": 0.25}
+    assert format_summary(stats.summary()).endswith("camera 30.0 fps; 2 of 28 frames dropped; 2 of 8 clips dropped")
 
 
 @pytest.mark.ros
@@ -79,9 +92,13 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
     assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:])), out
     summary = SUMMARY.match(out[-1])
     assert summary, out[-1]
-    clips, clips_per_s, share, scored, p50, p95, camera_fps = summary.groups()
+    clips, clips_per_s, share, scored, p50, p95, camera_fps, lost, sent, dropped, cut = summary.groups()
     assert int(clips) == len(lines) and 0 < int(scored) < len(lines)
     assert float(clips_per_s) > 0 and int(p50) <= int(p95) and float(camera_fps) > 20
+    # counted from the node's /diagnostics once the camera stopped (over 12 s at 30 fps): a node that keeps up
+    # loses no clip, and at most a stray frame on localhost
+    assert 20 * 11 < int(sent) < 31 * 20 and int(lost) <= 0.05 * int(sent)
+    assert int(dropped) == 0 and 0.8 * int(clips) <= int(cut) <= int(clips)
     # scored: clips from the first second on whose true action is known (a clip whose truth message has not
     # arrived yet prints no mark and is not scored)
     marks = [m.group(6) for t, m in zip(times, lines) if t >= 1.0 and m.group(6)]
