@@ -55,15 +55,24 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_summary(samples: list[tuple[float, float]]) -> dict:
-    """(seconds, RSS MB) samples -> start/end/peak and MB per minute fitted over the second half."""
+def _growth(t: np.ndarray, mb: np.ndarray) -> float | None:
+    """MB per minute, fitted over the second half (the first holds the allocator's warm-up)."""
+    half = t >= t[-1] / 2
+    return float(np.polyfit(t[half], mb[half], 1)[0]) * 60 if half.sum() >= 2 else None
+
+
+def memory_summary(samples: list[tuple[float, float]], gpu: list[float] | None = None) -> dict:
+    """(seconds, RSS MB) samples, and the GPU memory allocated (MB) at the same moments where there is a GPU ->
+    start/end/peak and growth in MB per minute."""
     t = np.array([s[0] for s in samples])
     mb = np.array([s[1] for s in samples])
-    half = t >= t[-1] / 2
-    slope = float(np.polyfit(t[half], mb[half], 1)[0]) * 60 if half.sum() >= 2 else None
-    return {"rss_start_mb": float(mb[0]), "rss_end_mb": float(mb[-1]), "rss_max_sampled_mb": float(mb.max()),
-            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-            "rss_growth_mb_per_min": slope, "samples": len(samples)}
+    out = {"rss_start_mb": float(mb[0]), "rss_end_mb": float(mb[-1]), "rss_max_sampled_mb": float(mb.max()),
+           "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+           "rss_growth_mb_per_min": _growth(t, mb), "samples": len(samples)}
+    if gpu:
+        g = np.array(gpu)
+        out.update(gpu_start_mb=float(g[0]), gpu_end_mb=float(g[-1]), gpu_growth_mb_per_min=_growth(t, g))
+    return out
 
 
 def warm_up(engine: Engine, buf: ClipBuffer, frames: list[np.ndarray], fps: float, clips: int = 3) -> None:
@@ -97,10 +106,17 @@ def run(args) -> dict:
     lat_ms, infer_ms, push_ms, late = [], [], [], 0
     n = int(args.seconds * args.fps)
     t_start = time.perf_counter()
-    mem = [(0.0, rss_mb())]
+    cuda = engine.device.type == "cuda"
+
+    def gpu_mb() -> float:
+        return torch.cuda.memory_allocated(engine.device) / 2**20
+
+    mem, gpu = [(0.0, rss_mb())], [gpu_mb()] if cuda else None
     for i in range(n):
-        if i % max(1, round(args.fps)) == 0 and i:
+        if i % max(1, round(args.fps)) == 0 and i:  # once a second
             mem.append((time.perf_counter() - t_start, rss_mb()))
+            if cuda:
+                gpu.append(gpu_mb())
         due = t_start + i / args.fps
         if args.realtime:
             wait = due - time.perf_counter()
@@ -120,6 +136,8 @@ def run(args) -> dict:
             lat_ms.append((t1 - t_push) * 1e3)
     wall = time.perf_counter() - t_start
     mem.append((wall, rss_mb()))
+    if cuda:
+        gpu.append(gpu_mb())
     res = {"model": engine.encoder_version, "config": engine.model.config.name, "device": args.device,
            "precision": args.precision, "cuda_graph": engine.cuda_graph, "compile": compiled,
            "device_resize": args.device_resize,
@@ -128,8 +146,8 @@ def run(args) -> dict:
            "clips_per_s": len(lat_ms) / wall, "wall_s": wall,
            "latency": percentiles(lat_ms), "infer": percentiles(infer_ms), "push": percentiles(push_ms),
            "latency_samples_ms": [round(x, 3) for x in lat_ms],  # per clip, in order: the percentiles recomputable
-           "memory": memory_summary(mem)}
-    if engine.device.type == "cuda":
+           "memory": memory_summary(mem, gpu)}
+    if cuda:
         res["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
     m = res["memory"]
     growth = "-" if m["rss_growth_mb_per_min"] is None else f"{m['rss_growth_mb_per_min']:+.2f}"

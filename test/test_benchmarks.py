@@ -33,6 +33,18 @@ def test_engine_benchmark_writes_latency_and_memory(tmp_path):
     assert percentiles(res["latency_samples_ms"]) == pytest.approx(lat, abs=1e-3)
 
 
+def test_memory_growth_is_fitted_over_the_second_half_for_rss_and_gpu():
+    from benchmarks.engine import memory_summary
+
+    t = [0.0, 30.0, 60.0, 90.0, 120.0]
+    rss = [(s, 500.0 + (100.0 if s == 0 else 0.0) + s / 60) for s in t]  # warm-up spike, then +1 MB/min
+    gpu = [800.0, 800.0, 801.0, 802.0, 803.0]  # +2 MB/min from the middle on
+    m = memory_summary(rss, gpu)
+    assert m["rss_growth_mb_per_min"] == pytest.approx(1.0) and m["gpu_growth_mb_per_min"] == pytest.approx(2.0)
+    assert (m["rss_start_mb"], m["gpu_start_mb"], m["gpu_end_mb"], m["samples"]) == (600.0, 800.0, 803.0, 5)
+    assert "gpu_growth_mb_per_min" not in memory_summary(rss)
+
+
 def test_latency_percentiles_are_nearest_rank():
     from benchmarks.common import percentiles
 
