@@ -100,8 +100,9 @@ class DemoStats:
     truth_stamps: int = 0
     truth_span_ns: tuple[int, int] | None = None
     versions: list[str] = field(default_factory=list)  # encoder versions in order of first appearance
-    # The node's /diagnostics counters (frames_received, clips_published, queue_drops, inference_errors): the first
-    # report after the camera's first true_action, and the last one; `final` once it came after the camera stopped.
+    # The node's /diagnostics counters (frames_received, clips_published, queue_drops, inference_errors): its first
+    # report with frames after the camera's first true_action, and its last; `final` once one came after the camera
+    # stopped.
     node_first: tuple[int, dict[str, int]] | None = None  # (report stamp ns, counters)
     node_last: dict[str, int] | None = None
     frames_after_first: int = 0  # camera frames (true_action stamps) stamped after node_first's report
@@ -138,9 +139,9 @@ class DemoStats:
 
     def drops(self) -> dict:
         """Frames the camera sent that the node never received, and clips the node cut but did not publish
-        (dropped from its queue, or failed), as shares. Both are counted between the node's first report after the
-        camera's first true_action and its report after the camera stopped, so start-up discovery is not counted
-        as loss; None where that window is missing (Ctrl-C, a real camera)."""
+        (dropped from its queue, or failed), as shares. Both are counted between the node's first report with frames
+        after the camera's first true_action and its report after the camera stopped, so start-up discovery is not
+        counted as loss; None where that window is missing (Ctrl-C, a real camera)."""
         out = {"camera_frames": None, "frames_dropped": None, "frames_dropped_share": None,
                "clips_cut": None, "clips_dropped": None, "clips_dropped_share": None}
         if self.node_first is None or self.node_last is None or not self.final:
@@ -306,8 +307,10 @@ def _make_printer(args: argparse.Namespace, stats: DemoStats):
             return
         stats.node_last = counts
         stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
-        if stats.node_first is None and truth:
-            # frames already seen stamped after this report: their true_action overtook the report
+        if stats.node_first is None and truth and counts["frames_received"]:
+            # The window opens once the node has frames (its subscription matched the camera: discovery can take
+            # seconds under load, and frames sent before it are no loss). Frames already seen stamped after this
+            # report: their true_action overtook it.
             stats.node_first = (stamp, counts)
             stats.frames_after_first = sum(1 for s, _ in truth if s > stamp)
         if stats.final is False and stop_ns[0] is not None and stamp > stop_ns[0]:

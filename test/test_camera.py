@@ -201,6 +201,9 @@ def test_synthetic_camera_publishes_true_action_with_each_frame_stamp():
     # Each topic is discovered on its own, so the first frames may lack their pair; the rest never do.
     stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in images]
     assert sum(s in truth for s in stamps) >= 10
+    # stamped with the time each frame shows, on the camera's grid: whole periods apart, whatever the timer's jitter
+    period = int(round(1e9 / 30))
+    assert all(b > a and (b - a) % period == 0 for a, b in zip(stamps, stamps[1:])), stamps
 
 
 def test_publish_command_remaps_the_topic_and_ends_with_the_video(video):
