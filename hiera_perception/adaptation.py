@@ -327,6 +327,11 @@ class Adapter:
         self.decoder_warmup = mae_state is None
         if mae_state is not None:
             decoder = {k: v for k, v in mae_state.items() if not k.startswith("encoder.")}
+            ours = self.mae.state_dict()
+            wrong = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in decoder.items()
+                     if k in ours and v.shape != ours[k].shape]
+            if wrong:  # e.g. a version saved when the MAE of a 16x224 classifier pooled 3 times, not mae_q_pool
+                raise ValueError(f"decoder weights do not fit {model.config.name}'s MAE: {', '.join(wrong[:3])}")
             missing, unexpected = self.mae.load_state_dict(decoder, strict=False)
             if unexpected or any(not k.startswith("encoder.") for k in missing):
                 raise ValueError(f"decoder weights do not fit {model.config.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -126,6 +126,14 @@ def test_config_validation(field, value, message):
     AdaptationConfig()  # the defaults are valid
 
 
+def test_decoder_weights_of_another_geometry_are_a_clear_error():
+    # e.g. a version saved when a 16x224 classifier's MAE pooled 3 times: the node reports a ValueError at start
+    model = serving_model()
+    other = HieraMAE(model.config.replace(mae_q_pool=1)).state_dict()  # a decoder behind 1 pooling, not 2
+    with pytest.raises(ValueError, match=r"decoder weights do not fit hiera_tiny_8x64's MAE: .*decoder_pos_embed"):
+        Adapter(model, AdaptationConfig(), mae_state=other)
+
+
 def test_round_waits_for_enough_clips(tmp_path):
     adapter, on_accept = make_adapter(tmp_path, clips=1)
     res = adapter.run_round(wait=False)
