@@ -11,15 +11,22 @@ import numpy as np
 __all__ = ["iter_frames", "video_fps"]
 
 
-def video_fps(path: str | Path) -> float:
+def _open(path: str | Path) -> tuple[cv2.VideoCapture, float]:
+    """(an open capture, the frame rate: 30 when the file does not say); clear errors for a bad or missing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
     cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise ValueError(f"cannot open video {path}")
-        fps = cap.get(cv2.CAP_PROP_FPS)
-        return fps if fps and fps > 0 else 30.0
-    finally:
-        cap.release()
+    if not cap.isOpened():
+        raise ValueError(f"OpenCV cannot open video {path} (unknown format or corrupt file)")
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return cap, fps if fps and fps > 0 else 30.0
+
+
+def video_fps(path: str | Path) -> float:
+    cap, fps = _open(path)
+    cap.release()
+    return fps
 
 
 def iter_frames(path: str | Path, wanted: Callable[[float, float], bool] | None = None
@@ -31,14 +38,7 @@ def iter_frames(path: str | Path, wanted: Callable[[float, float], bool] | None 
     frame it refuses is decoded but not converted or copied out, and comes as (stamp, None): a training
     clip reads 8 of some 45 frames.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise ValueError(f"OpenCV cannot open video {path} (unknown format or corrupt file)")
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    fps = fps if fps and fps > 0 else 30.0
+    cap, fps = _open(path)
     try:
         index = 0
         while True:
@@ -94,7 +94,9 @@ def main(args) -> int:
     engine = Engine(load_model(args.model, arch=args.arch, device=args.device), args.device, args.precision, args.top_k)
     stride = args.frame_stride or engine.frame_stride_s
     hop = args.hop or max(stride, stride * engine.num_frames / 2)
-    buffer = ClipBuffer(engine.num_frames, stride, hop, max_gap_s=max(1.0, 4 * stride), frame_size=engine.size)
+    # A file loses no frames: its own frame interval is never a gap (a 0.5 fps timelapse reset on every frame)
+    buffer = ClipBuffer(engine.num_frames, stride, hop, max_gap_s=max(1.0, 4 * stride, 2.0 / video_fps(args.video)),
+                        frame_size=engine.size)
     total = None
     cap = cv2.VideoCapture(str(args.video))
     if cap.isOpened():

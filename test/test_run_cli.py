@@ -16,6 +16,7 @@ import torch
 
 from hiera_perception import cli
 from hiera_perception.checkpoint import save_checkpoint
+from hiera_perception.clip_buffer import EARLY_FRACTION
 from hiera_perception.config import get_config
 from hiera_perception.dataset import load_clip, video_format, write_video
 from hiera_perception.engine import Engine
@@ -118,6 +119,25 @@ def test_text_mode_prints_one_line_per_clip(tmp_path, capsys, model_file):
         assert m, line
         assert float(m[1]) == pytest.approx(start, abs=0.006) and float(m[2]) == pytest.approx(end, abs=0.006)
         assert {m[3], m[5]} <= set(LABELS) and float(m[4]) >= float(m[6])
+
+
+def test_a_timelapse_slower_than_one_frame_a_second_gives_its_clips(tmp_path, capsys, model_file):
+    # 2 s between frames is the file's rhythm, not a gap: every frame used to reset the clip buffer ("too short")
+    rng = np.random.default_rng(3)
+    video = np.repeat(rng.integers(0, 256, size=(5, 1, 1, 3), dtype=np.uint8), 60, axis=1).repeat(80, axis=2)
+    path = write_video(tmp_path / f"slow{video_format()[0]}", video, 0.5)
+    assert video_fps(path) == pytest.approx(0.5)
+    rows = run_json(capsys, ["--model", str(model_file), "--video", str(path)])
+    # Clips every 8/15 s, 14/15 s long, each frame held until the next: as live, a clip whose last sample falls
+    # within EARLY_FRACTION of a frame interval after the last frame (8 s) goes out with it, so k * 8/15 + 14/15
+    # < 8 + 0.75 * 2: k = 0 .. 16
+    stamps = [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert len(rows) == 17
+    for k, row in enumerate(rows):
+        first, last = k * 8 / FPS, k * 8 / FPS + 14 / FPS
+        assert row["start"] == pytest.approx(max(s for s in stamps if s <= first + TOL), abs=1e-4)
+        assert row["end"] == pytest.approx(max(s for s in stamps if s <= last + TOL), abs=1e-4)
+    assert 16 * 8 / FPS + 14 / FPS < 8 + EARLY_FRACTION * 2 < 17 * 8 / FPS + 14 / FPS
 
 
 def test_too_short_video_returns_1(tmp_path, capsys, model_file):
