@@ -36,7 +36,9 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", _files("launch/*.py")),
         (f"share/{PACKAGE}/config", _files("config/*.yaml")),
-        (f"share/{PACKAGE}/models", _files("models/*")),
+        # Not the run-time state the node and the CLI write beside a model in a writable models/ folder (labels
+        # taught in a checkout, `<model>.prototypes.json`): an install would ship it and load it as its own.
+        (f"share/{PACKAGE}/models", [p for p in _files("models/*") if not p.endswith(".prototypes.json")]),
         (f"lib/{PACKAGE}", [f"tools/ros_exec/{name}" for name in ROS_EXECUTABLES]),
     ],
     # Runtime dependencies are installed from requirements*.txt (pip) or package.xml (rosdep): torch needs its
