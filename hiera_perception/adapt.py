@@ -32,9 +32,8 @@ import torch
 from hiera_perception import weights
 from hiera_perception.adaptation import AdaptationConfig, Adapter
 from hiera_perception.atomic import atomic_write_bytes
-from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model, load_official
+from hiera_perception.checkpoint import load_model, mae_state
 from hiera_perception.labeler import prototypes_path
-from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 from hiera_perception.reconstruction import reconstruction_panel, save_png
 
@@ -110,17 +109,10 @@ def decoder_state_of(model: Hiera) -> dict[str, torch.Tensor] | None:
     if not source:
         return None
     try:
-        try:
-            state = load_checkpoint(source).model_state
-        except CheckpointError as e:
-            if "not a hiera_perception checkpoint" not in str(e):
-                raise
-            official = load_official(source, model.config, mae=None)
-            state = official.state_dict() if isinstance(official, HieraMAE) else {}
-    except (CheckpointError, ValueError, OSError) as e:  # it served a moment ago: changed on disk since
+        return mae_state(source, model.config)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; it served a moment ago: changed since
         log.warning("decoder weights of %s unreadable (%s); a fresh decoder is warmed up", source, e)
         return None
-    return state if any(k.startswith("decoder_") for k in state) else None
 
 
 def clip_stream(num_frames: int, frame_stride_s: float, size: int, data: str | None = None, bag: str | None = None,

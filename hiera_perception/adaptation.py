@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from hiera_perception.atomic import atomic_write_text
-from hiera_perception.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
+from hiera_perception.checkpoint import load_checkpoint, save_checkpoint, shape_mismatches, weights_sha256
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 from hiera_perception.preprocess import preprocess_clip
@@ -327,9 +327,7 @@ class Adapter:
         self.decoder_warmup = mae_state is None
         if mae_state is not None:
             decoder = {k: v for k, v in mae_state.items() if not k.startswith("encoder.")}
-            ours = self.mae.state_dict()
-            wrong = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in decoder.items()
-                     if k in ours and v.shape != ours[k].shape]
+            wrong = shape_mismatches(decoder, self.mae.state_dict())
             if wrong:  # e.g. a version saved when the MAE of a 16x224 classifier pooled 3 times, not mae_q_pool
                 raise ValueError(f"decoder weights do not fit {model.config.name}'s MAE: {', '.join(wrong[:3])}")
             missing, unexpected = self.mae.load_state_dict(decoder, strict=False)

@@ -74,14 +74,18 @@ class FrameSource(Protocol):
     def close(self) -> None: ...
 
 
+def _source_fps(cap: cv2.VideoCapture) -> float:
+    """The rate a file or webcam reports, or 30 when it reports none or one past MAX_FPS (some containers give
+    their time base, e.g. 1000): fps=0 runs the timer at it, which must stay in the fps parameter's range."""
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return fps if fps and 0 < fps <= MAX_FPS else 30.0
+
+
 class _VideoSource:
     def __init__(self, path: str, loop: bool):
         self.path, self.loop = path, loop
         self._cap = self._open()
-        fps = self._cap.get(cv2.CAP_PROP_FPS)
-        # As for a webcam, a rate past MAX_FPS is not believed (some containers report their time base, e.g. 1000):
-        # fps=0 would run the timer at it, past the fps parameter's own range.
-        self.fps = fps if fps and 0 < fps <= MAX_FPS else 30.0
+        self.fps = _source_fps(self._cap)
         self.ended = False
 
     def _open(self) -> cv2.VideoCapture:
@@ -112,8 +116,7 @@ class _WebcamSource:
         self.index, self.width, self.height = index, width, height
         self._failures = 0
         self._cap = self._open()
-        fps = self._cap.get(cv2.CAP_PROP_FPS)
-        self.fps = fps if fps and 0 < fps <= MAX_FPS else 30.0
+        self.fps = _source_fps(self._cap)
         self.ended = False
 
     def _open(self) -> cv2.VideoCapture:
@@ -299,7 +302,7 @@ class CameraPublisher(Node):
             # Its frame shows the tick's due time (late ticks are skipped to keep it so): stamp that, as a camera's
             # capture clock would, not when the timer and the render got to it. A stamp that jittered by the render
             # placed the node's whole sample grid late in the frame interval whenever the frame it anchored on was
-            # a slow one, and every clip then waited a frame (p50 53 instead of 17 ms, in about 1 run of 5).
+            # a slow one, and every clip then waited a frame (a 33 ms longer p50 for the whole run).
             stamp = Time(nanoseconds=self._t0_ns + self._ticks * self._period_ns,
                          clock_type=self.get_clock().clock_type).to_msg()
         else:

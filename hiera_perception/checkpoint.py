@@ -36,7 +36,8 @@ from hiera_perception.model import Hiera
 
 __all__ = [
     "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "weights_sha256", "filter_official_state_dict",
-    "official_kwargs", "load_official", "load_model", "resolve_device", "MODELS_DIR", "DEFAULT_MODEL",
+    "official_kwargs", "load_official", "load_model", "mae_state", "shape_mismatches", "resolve_device", "MODELS_DIR",
+    "DEFAULT_MODEL",
 ]
 
 log = logging.getLogger(__name__)
@@ -226,12 +227,34 @@ def filter_official_state_dict(state: dict[str, torch.Tensor], model: torch.nn.M
     return out
 
 
+def shape_mismatches(state: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> list[str]:
+    """`key: file (shape) vs model (shape)` for each tensor of `state` that `ours` holds in another shape."""
+    return [f"{k}: file {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+            for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+
+
+def mae_state(path: str | os.PathLike, config: HieraConfig) -> dict[str, torch.Tensor] | None:
+    """The HieraMAE state of a file, ours or official (an official one read as `config`'s network), when it
+    holds decoder weights; None for an encoder-only file. One read of the file. Raises CheckpointError."""
+    from hiera_perception import weights
+    from hiera_perception.mae import HieraMAE
+
+    path = Path(path)
+    weights.verify(path)
+    raw = _torch_load(path)
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        state = _checkpoint_from_raw(raw, path).model_state
+    else:
+        model = _official_from_raw(raw, path, config, mae=None)
+        state = model.state_dict() if isinstance(model, HieraMAE) else {}
+    return state if any(k.startswith("decoder_") for k in state) else None
+
+
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     ours = model.state_dict()
     missing = sorted(set(ours) - set(state))
     unexpected = sorted(set(state) - set(ours))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
-             for k in state if k in ours and state[k].shape != ours[k].shape]
+    wrong = shape_mismatches(state, ours)
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"{path}: weights do not fit {model.config.name}: "

@@ -20,9 +20,9 @@ level apart). A depth image in millimetres is not a camera image and comes out n
 is expected. YUV 4:2:2 follows ROS's names: `yuv422` and `uyvy` are U Y0 V Y1, `yuv422_yuy2` and
 `yuyv` are Y0 U Y1 V. The semi-planar `nv21` (4:2:0, V U), `nv12` (U V) and `nv24` (4:4:4, U V) are a Y
 plane of `height` rows of `step` bytes followed by the interleaved chroma plane (`nv24`: rows of 2 x step
-bytes), as V4L2 lays them out; cv_bridge reads none of them. Bayer names follow ROS (`bayer_rggb8` has R at row 0, column 0). 8UC1, 8UC3
-and 8UC4 read as mono8, bgr8 and bgra8 (OpenCV's order), 16UC* alike. Encoding names are matched
-case-insensitively. `is_bigendian` matters only for 16-bit encodings.
+bytes), as V4L2 lays them out; cv_bridge reads none of them. Bayer names follow ROS (`bayer_rggb8` has R at
+row 0, column 0). 8UC1, 8UC3 and 8UC4 read as mono8, bgr8 and bgra8 (OpenCV's order), 16UC* alike.
+Encoding names are matched case-insensitively. `is_bigendian` matters only for 16-bit encodings.
 
 Every problem with a message's content raises `BadFrame` (a ValueError) with a short `reason` from
 `REASONS`, so the node can count per reason; nothing else escapes for bad content. Excess bytes
@@ -41,7 +41,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["BadFrame", "REASONS", "ENCODINGS", "SEMIPLANAR", "MAX_SIDE", "MAX_PIXELS", "image_to_rgb", "compressed_to_rgb"]
+__all__ = ["BadFrame", "REASONS", "ENCODINGS", "SEMIPLANAR", "MAX_SIDE", "MAX_PIXELS", "image_to_rgb",
+           "compressed_to_rgb"]
 
 MAX_SIDE = 16384
 MAX_PIXELS = 1 << 26  # 67 Mpx, above 8K video (33 Mpx)
@@ -157,16 +158,17 @@ def _image_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
     row_bytes = width * channels * dtype.itemsize
     if step < row_bytes:
         raise BadFrame("step_too_small", f"step {step} < {row_bytes} bytes per row ({width} px {encoding})")
-    sub = SEMIPLANAR[key][0] if key in SEMIPLANAR else 1
+    sub = SEMIPLANAR[key][0] if key in SEMIPLANAR else 0  # chroma subsampling; 0: no chroma plane
     if (key in _YUV or sub == 2) and width % 2:
         raise BadFrame("odd_width", f"{encoding} needs an even width, got {width}")
     if sub == 2 and height % 2:
         raise BadFrame("odd_height", f"{encoding} needs an even height, got {height}")
     data = _as_bytes(_field(msg, "data", object))
-    needed = step * height if key not in SEMIPLANAR else step * height + 2 * step * height // sub**2
-    if data.size < needed:
-        raise BadFrame("truncated", f"{data.size} bytes < {needed} (step {step}, height {height}, {encoding})")
-    if key in SEMIPLANAR:
+    chroma = 2 * step * height // sub**2 if sub else 0  # bytes of the chroma plane after the rows
+    if data.size < step * height + chroma:
+        raise BadFrame("truncated", f"{data.size} bytes < {step * height + chroma} (step {step}, height {height}, "
+                                    f"{encoding})")
+    if sub:
         return _semiplanar_to_rgb(data, key, width, height, step)
 
     rows = data[: step * height].reshape(height, step)[:, :row_bytes]  # [H, step] -> [H, row_bytes]

@@ -106,6 +106,7 @@ class DemoStats:
     node_first: tuple[int, dict[str, int]] | None = None  # (report stamp ns, counters)
     node_last: dict[str, int] | None = None
     frames_after_first: int = 0  # camera frames (true_action stamps) stamped after node_first's report
+    stop_ns: int | None = None  # set once the camera stopped: a report stamped after it has counted everything
     final: bool = False
 
     def summary(self) -> dict:
@@ -313,15 +314,12 @@ def _make_printer(args: argparse.Namespace, stats: DemoStats):
             # report: their true_action overtook it.
             stats.node_first = (stamp, counts)
             stats.frames_after_first = sum(1 for s, _ in truth if s > stamp)
-        if stats.final is False and stop_ns[0] is not None and stamp > stop_ns[0]:
+        if stats.stop_ns is not None and stamp > stats.stop_ns:
             stats.final = True
-
-    stop_ns: list[int | None] = [None]  # set by stop_camera(): reports stamped after it count everything
 
     printer = Node("demo_printer")
     reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
     printer.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
-    printer.stop_ns = stop_ns
     printer.create_subscription(ActionFeatures, "action_features", on_features, reliable)
     printer.create_subscription(String, "/camera_publisher/true_action", on_truth,
                                 QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
@@ -425,7 +423,7 @@ def _final_counts(executor, printer, children: dict[str, subprocess.Popen], stat
     except subprocess.TimeoutExpired:
         return  # _stop kills it; the counts stay incomplete
     # transport takes milliseconds: a report 0.2 s after the last frame has counted it
-    printer.stop_ns[0] = printer.get_clock().now().nanoseconds + 200_000_000
+    stats.stop_ns = printer.get_clock().now().nanoseconds + 200_000_000
     deadline = time.monotonic() + timeout_s
     while not stats.final and time.monotonic() < deadline:
         executor.spin_once(timeout_sec=0.1)

@@ -94,14 +94,12 @@ def main(args) -> int:
     engine = Engine(load_model(args.model, arch=args.arch, device=args.device), args.device, args.precision, args.top_k)
     stride = args.frame_stride or engine.frame_stride_s
     hop = args.hop or max(stride, stride * engine.num_frames / 2)
-    # A file loses no frames: its own frame interval is never a gap (a 0.5 fps timelapse reset on every frame)
-    buffer = ClipBuffer(engine.num_frames, stride, hop, max_gap_s=max(1.0, 4 * stride, 2.0 / video_fps(args.video)),
-                        frame_size=engine.size)
-    total = None
-    cap = cv2.VideoCapture(str(args.video))
-    if cap.isOpened():
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    cap, fps = _open(args.video)
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     cap.release()
+    # A file loses no frames: its own frame interval is never a gap (a 0.5 fps timelapse reset on every frame)
+    buffer = ClipBuffer(engine.num_frames, stride, hop, max_gap_s=max(1.0, 4 * stride, 2.0 / fps),
+                        frame_size=engine.size)
 
     pending = []
     n = 0
