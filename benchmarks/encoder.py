@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
+    """Time every config and batch; `save(result)` after each row, so a run cut short keeps the rows it timed."""
     o = oracle()
     device = torch.device(args.device)
     rows = []
@@ -77,6 +78,8 @@ def run(args) -> dict:
             print(f"{name} b={b} {args.precision}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in res.items())
                   + f", ours x{row['speedup_vs_official']:.2f}")
             rows.append(row)
+            if save is not None:
+                save({"device": args.device, "precision": args.precision, "rows": rows})
             del fns
         del official, ours, fns_models
         if device.type == "cuda":
@@ -85,4 +88,5 @@ def run(args) -> dict:
 
 
 def main(args) -> None:
-    write_result(args.name or f"encoder_{torch.device(args.device).type}_{args.precision}", run(args), args.out)
+    name = args.name or f"encoder_{torch.device(args.device).type}_{args.precision}"
+    run(args, save=lambda result: write_result(name, result, args.out))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark set in one prepared run, results under $OUT (or benchmarks/results). Before the two
-# device-resize rows took the place of a compiled saturated one it ran in about 7 minutes on an H100, 5 on an H200.
+# device-resize rows took the place of a compiled saturated one it ran in about 7 minutes on an H100, 5 on an H200;
+# the last three steps (fp32 throughput, small configs) are new since and are the first a short budget skips.
 #
 # On a lent GPU machine (no network; its own Python with torch, timm, tqdm, OpenCV): put the wheels it
 # lacks in .gpu_wheels/ (hiera-transformer for the official baseline), ignored by git, and carry it:
@@ -35,9 +36,10 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>/dev/null || true
 
 if [ "$DRY" = 1 ]; then
-  BASE=hiera_tiny_8x64; REPEATS=2; SECONDS_ENGINE=2; BATCHES="1 4"
+  BASE=hiera_tiny_8x64; REPEATS=2; SECONDS_ENGINE=2; BATCHES="1 4"; THROUGHPUT="4"; SMALL="hiera_tiny_8x64@1,4"
 else
-  BASE=hiera_base_16x224; REPEATS=20; SECONDS_ENGINE=10; BATCHES="1 8 32 64"
+  BASE=hiera_base_16x224; REPEATS=20; SECONDS_ENGINE=10; BATCHES="1 8 32 64"; THROUGHPUT="8 32 64"
+  SMALL="hiera_tiny_8x64@1,32 hiera_small_16x128@1,32"
 fi
 # Every step has its own time limit and writes its own file, so one failure costs only its numbers. The whole set
 # stops within GPU_BUDGET_S (default 480 s: a step that would start with under 30 s left is skipped, a running one
@@ -77,6 +79,12 @@ step $PY -m benchmarks encoder --device "$DEVICE" --precision bf16 --configs $BA
   --repeats $REPEATS --compile --name "encoder_${DEVICE%%:*}_bf16_compile" --out "$RESULTS"
 step $PY -m benchmarks mae_step --device "$DEVICE" --precision bf16 --configs $BASE --batch 8 \
   --repeats $REPEATS --compile --name "mae_step_${DEVICE%%:*}_bf16_compile" --out "$RESULTS"
+# the rest of the issue's encoder table, last so that a short budget skips these first: fp32 throughput of base and
+# the small configs (the embedded model's and the largest of ours) in both precisions. Each row is saved as timed.
+ENCODER="$PY -m benchmarks encoder --device $DEVICE --repeats $((REPEATS / 2)) --cuda-graph --out $RESULTS"
+step $ENCODER --precision fp32 --configs $BASE --batch $THROUGHPUT --name "encoder_${DEVICE%%:*}_fp32_throughput"
+step $ENCODER --precision bf16 --configs $SMALL --name "encoder_${DEVICE%%:*}_bf16_small"
+step $ENCODER --precision fp32 --configs $SMALL --name "encoder_${DEVICE%%:*}_fp32_small"
 ls -l "$RESULTS"
 echo "total ${SECONDS}s"
 if [ -n "${OUT:-}" ]; then pack && echo "packed $OUT/gpu_results.tar.gz"; fi

@@ -153,6 +153,21 @@ def test_encoder_benchmark_batches_per_config_and_the_report_renders_them(tmp_pa
     assert all(float(line.split(" | ")[-1].rstrip(" |")) > 0 for line in rows)  # ours clips/s
 
 
+def test_encoder_benchmark_saves_each_row_as_it_is_timed():
+    # gpu.sh cuts a step at its time budget: the rows timed before the cut must already be on disk.
+    import argparse
+
+    from benchmarks import encoder
+
+    p = argparse.ArgumentParser()
+    encoder.add_arguments(p)
+    args = p.parse_args(["--configs", "hiera_tiny_8x64@1,2", "--repeats", "1", "--warmup", "0"])
+    saved = []
+    result = encoder.run(args, save=lambda r: saved.append([(row["config"], row["batch"]) for row in r["rows"]]))
+    assert saved == [[("hiera_tiny_8x64", 1)], [("hiera_tiny_8x64", 1), ("hiera_tiny_8x64", 2)]]
+    assert [(r["config"], r["batch"]) for r in result["rows"]] == saved[-1]
+
+
 def test_gpu_script_dry_run_on_cpu_writes_every_result(tmp_path):
     # The GPU set is prepared here so a lent GPU session only has to run it: every step must run and write.
     out = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", "--dry-run"], cwd=REPO, timeout=900,
@@ -165,7 +180,8 @@ def test_gpu_script_dry_run_on_cpu_writes_every_result(tmp_path):
         "encoder_cpu_bf16.json", "encoder_cpu_fp32.json", "encoder_cpu_bf16_compile.json",
         "mae_step_cpu_bf16.json", "mae_step_cpu_bf16_compile.json", "engine_cpu_bf16.json",
         "engine_cpu_bf16_graph.json", "engine_cpu_bf16_graph_saturated.json", "engine_cpu_bf16_graph_compile.json",
-        "engine_cpu_bf16_graph_device_resize.json", "engine_cpu_bf16_graph_compile_device_resize.json"])
+        "engine_cpu_bf16_graph_device_resize.json", "engine_cpu_bf16_graph_compile_device_resize.json",
+        "encoder_cpu_fp32_throughput.json", "encoder_cpu_bf16_small.json", "encoder_cpu_fp32_small.json"])
     for name in names:
         res = json.loads((tmp_path / "results" / name).read_text())
         assert res["machine"]["torch"] == torch.__version__ and res["device"] == "cpu"
@@ -187,6 +203,6 @@ def test_gpu_script_survives_a_failed_pip_and_keeps_to_its_time_budget(tmp_path)
                          text=True, env={**os.environ, "OUT": str(out), "PYTHON": str(fake), "GPU_BUDGET_S": "0"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "!! pip install of .gpu_wheels failed" in run.stdout
-    assert "\n== " not in run.stdout and run.stdout.count("!! skipped (time budget") == 11
+    assert "\n== " not in run.stdout and run.stdout.count("!! skipped (time budget") == 14
     with tarfile.open(out / "gpu_results.tar.gz") as tar:
         assert not [n for n in tar.getnames() if n.endswith(".json")]
