@@ -278,6 +278,12 @@ def test_bad_options_are_named(data, tmp_path):
         with pytest.raises(ValueError, match=error):
             make_args("finetune", *base, option)
     make_args("finetune", *base, "--clip-grad", "0", "--weight-decay", "0")  # 0: no clipping, no decay
+    done = tmp_path / "done.pt"  # a re-run of a finished run's command must not train over its model
+    done.write_bytes(b"a model")
+    with pytest.raises(ValueError, match=f"--out {done} exists: --resume continues that run, --force replaces it"):
+        make_args("finetune", "--data", str(data), "--out", str(done))
+    make_args("finetune", "--data", str(data), "--out", str(done), "--resume")
+    make_args("finetune", "--data", str(data), "--out", str(done), "--force")
     with pytest.raises(ValueError, match="--mae-weight must be >= 0"):
         make_args("finetune", "--data", str(data), "--out", "x", "--mae-weight", "-1")
     with pytest.raises(ValueError, match="cannot go with --freeze-encoder"):

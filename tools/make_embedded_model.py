@@ -154,6 +154,9 @@ def build(recipe: dict, work: Path, install: bool) -> dict:
     record = {"recipe": recipe, "machine": machine(), "stages": [], "work": "$WORK"}
     t_all = time.monotonic()
     env = _env()
+    for _, argv in stages(recipe, work):  # a rebuild starts afresh: training refuses to overwrite an existing --out
+        if argv[0] in ("pretrain", "finetune"):
+            Path(argv[argv.index("--out") + 1]).unlink(missing_ok=True)
     for name, argv in stages(recipe, work):
         print(f"[{name}] {shown(argv, work)}", flush=True)
         t0 = time.monotonic()
