@@ -31,7 +31,7 @@ import torch
 
 from hiera_perception import weights
 from hiera_perception.adaptation import AdaptationConfig, Adapter
-from hiera_perception.atomic import atomic_write_bytes
+from hiera_perception.atomic import atomic_write_bytes, check_writable
 from hiera_perception.checkpoint import load_model, mae_state
 from hiera_perception.labeler import prototypes_path
 from hiera_perception.model import Hiera
@@ -269,6 +269,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if Path(args.out).exists() and not args.force:
             raise ValueError(f"--out {args.out} exists: --force replaces it")
+        check_writable(args.out)  # now, not after the rounds
         config = config_from(args, seed=args.seed)
         s = adapt_offline(args.model, args.out, data=args.data, bag=args.bag, topic=args.topic, config=config,
                           rounds=args.rounds, clips_per_round=args.clips_per_round, device=args.device)

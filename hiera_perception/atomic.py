@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_replace"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_replace", "check_writable"]
 
 
 @contextlib.contextmanager
@@ -55,3 +55,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, before long work, where `atomic_write(path)` would fail at its end: `path` is a folder, or its
+    folder cannot be made or written. Raises ValueError or OSError naming `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None

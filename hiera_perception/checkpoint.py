@@ -304,7 +304,10 @@ def _official_from_raw(raw: Any, path: Path, config: HieraConfig | str, mae: boo
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists every backend it knows
+        raise ValueError(f"device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":  # fail here, not with an assert deep in torch at the first .to()
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -367,6 +370,9 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
             f"model source {source!r} is neither a file, a file in {MODELS_DIR}, a fetched official checkpoint "
             f"nor a config name ({', '.join(CONFIGS)})"
         )
+    if arch and arch != model.config.name:  # a silently ignored arch would hide that another model serves
+        raise ValueError(f"arch {arch!r} names the config of an official .pth; model {source!r} is "
+                         f"{model.config.name} (leave arch empty)")
     if not labels and model.config.num_classes == 400 and trained:
         labels = weights.kinetics400_labels()  # official K400 heads publish names, not indices
     model.labels = labels

@@ -196,25 +196,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hiera_perception.atomic import atomic_write_text
+    from hiera_perception.atomic import atomic_write_text, check_writable
     from hiera_perception.checkpoint import load_model
     from hiera_perception.engine import Engine
 
+    for path in (args.out, args.plot):  # a bad path found after scoring every clip would lose the work
+        if path:
+            check_writable(path)
     model = load_model(args.model, arch=args.arch, device=args.device)
     engine = Engine(model, args.device, args.precision, top_k=1)
     report = evaluate(engine, args.data, args.batch, args.frame_stride, args.clips_per_video,
                       progress=not args.no_progress)
     report["model"] = str(args.model) if args.model else "(embedded)"
+    print(json.dumps(report) if args.json else format_report(report), flush=True)
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
     if args.plot:
         draw_confusion(report, args.plot)
-    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
-if __name__ == "__main__":  # `python -m hiera_perception.evaluate ...`, the same as `hiera-perception eval ...`
-    _parser = argparse.ArgumentParser(prog="hiera_perception.evaluate", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(_parser.parse_args()))
+if __name__ == "__main__":  # `python -m hiera_perception.evaluate ...`: `hiera-perception eval ...`, its errors too
+    from hiera_perception.cli import main as cli_main
+
+    sys.exit(cli_main(["eval", *sys.argv[1:]]))

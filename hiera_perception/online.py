@@ -50,10 +50,10 @@ def default_adaptation_dir(model_id: str, node: str = "/hiera_perception") -> Pa
     return folder.joinpath(*(safe_name(part) for part in node.strip("/").split("/")))
 
 
-def resume_serving(base: Hiera, out_dir: str | os.PathLike, device: str = "auto"
-                   ) -> tuple[Hiera, dict[str, torch.Tensor] | None, bool]:
+def resume_serving(base: Hiera, out_dir: str | os.PathLike) -> tuple[Hiera, dict[str, torch.Tensor] | None, bool]:
     """(model to serve, its HieraMAE state or None, resumed?): the last accepted version in `out_dir` when it was
-    adapted from `base` (the same network and weights), else `base` with the decoder of its own checkpoint."""
+    adapted from `base` (the same network and weights), else `base` with the decoder of its own checkpoint. The
+    model served is on `base`'s device."""
     latest = Adapter.latest(out_dir)
     if latest is not None:
         ck = load_checkpoint(latest)

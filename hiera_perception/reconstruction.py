@@ -45,6 +45,8 @@ def _keep_for(mae: HieraMAE, keep: torch.Tensor | np.ndarray | None, mask_ratio:
     (a plain random mask may drop all of one frame's units: a grey middle picture)."""
     M = mae.config.num_mask_units
     if keep is None:
+        if not 0.0 <= mask_ratio < 1.0:  # NaN too
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         mt, mh, mw = mae.config.mask_spatial_shape
         n_keep = max(1, round(mh * mw * (1.0 - mask_ratio)))
         noise = torch.rand(mt, mh * mw, generator=torch.Generator().manual_seed(seed))

@@ -355,8 +355,10 @@ class _Scene:
              "field", "tint", "flicker", "_noise", "salt", "kernel")
 
     def keep_look(self, before: "_Scene", at_s: float) -> None:
-        """Look like `before` (room, lighting, camera, actor) and start where its actor was at `at_s`: the same
-        person changing what they do, instead of a cut to another scene."""
+        """Look like `before` (room, lighting, camera, actor), with the new motion centred where its actor was at
+        `at_s`: the same person changing what they do, not a cut to another scene. The new motion starts at its
+        own phase around that centre (a circle one radius off it, an approach at its smallest), so the actor can
+        move by up to about a third of the frame between the two frames either side of the change."""
         for name in self._LOOK:
             setattr(self, name, getattr(before, name))
         x, y, _, _, _ = before.pose(np.array([at_s]))
@@ -488,8 +490,9 @@ def render_clip(
 
 
 class SyntheticCamera:
-    """An endless synthetic camera: a new random action (and scene) every `segment_s` seconds of stream time
-    (a swipe or a looming actor: one pass, if that is shorter).
+    """An endless synthetic camera: a new random action (and scene) every `segment_s` seconds of stream time,
+    except that a swipe lasts whole passes (at least one, the nearest count to the drawn time) and an approach
+    exactly one sweep, so those segments can be shorter or longer than `segment_s`.
 
     `next_frame()` returns (true action, uint8 RGB [H, W, 3]); the stream is a pure function of the seed.
     Consecutive segments never repeat the action, so each switch is a real change for the demo to show.
@@ -507,8 +510,9 @@ class SyntheticCamera:
         unknown = [a for a in actions if a not in ACTIONS]
         if unknown or not actions:
             raise ValueError(f"actions must be a non-empty subset of {ACTIONS}, got {list(actions)}")
-        if not fps > 0 or not 0 < segment_s[0] <= segment_s[1]:
-            raise ValueError(f"need fps > 0 and 0 < segment_s[0] <= segment_s[1]; got fps={fps}, segment_s={segment_s}")
+        if not (math.isfinite(fps) and fps > 0 and 0 < segment_s[0] <= segment_s[1] < math.inf):
+            raise ValueError(f"need a finite fps > 0 and 0 < segment_s[0] <= segment_s[1] < inf; got fps={fps}, "
+                             f"segment_s={segment_s}")
         if shift not in SHIFTS:
             raise ValueError(f"unknown shift {shift!r}; valid: {SHIFTS}")
         if seed < 0:
@@ -582,8 +586,8 @@ def write_dataset(
         raise ValueError(f"need clips >= 1 and seed >= 0, got clips={clips}, seed={seed}")
     if shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; valid: {SHIFTS}")
-    if not seconds > 0 or not fps > 0:
-        raise ValueError(f"seconds and fps must be > 0, got seconds={seconds}, fps={fps}")
+    if not all(math.isfinite(v) and v > 0 for v in (seconds, fps)):
+        raise ValueError(f"seconds and fps must be finite numbers > 0, got seconds={seconds}, fps={fps}")
     if size[0] % 2 or size[1] % 2:  # video writers silently drop an odd size's last row and column
         raise ValueError(f"size (H, W) must be even to be written as video, got {tuple(size)}")
     out = Path(out_dir)

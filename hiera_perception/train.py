@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from hiera_perception import checkpoint, weights
 from hiera_perception.adaptation import STATS_CLIPS, feature_stats
+from hiera_perception.atomic import check_writable
 from hiera_perception.checkpoint import (CheckpointError, load_checkpoint, load_model, load_official, resolve_device,
                                          save_checkpoint)
 from hiera_perception.config import CONFIGS, get_config
@@ -662,6 +663,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("give --config (fresh weights) or --init (a checkpoint), not both")
     if Path(args.out).exists() and not (args.resume or getattr(args, "force", False)):
         raise ValueError(f"--out {args.out} exists: --resume continues that run, --force replaces it")
+    check_writable(args.out)  # now, not at the first checkpoint
     for name in ("bag", "topic", "label_smoothing", "val", "only_classes"):
         if not hasattr(args, name):
             setattr(args, name, None)
@@ -684,10 +686,7 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result.step > 0 or result.complete else 1
 
 
-if __name__ == "__main__":  # `python -m hiera_perception.train pretrain ...` (torchrun -m takes this too)
-    _parser = argparse.ArgumentParser(prog="hiera_perception.train")
-    _sub = _parser.add_subparsers(dest="command", required=True)
-    for _name in COMMANDS:
-        add_arguments(_sub.add_parser(_name), _name)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(_parser.parse_args()))
+if __name__ == "__main__":  # `python -m hiera_perception.train pretrain ...` (torchrun -m takes this too): the CLI's
+    from hiera_perception.cli import main as cli_main
+
+    sys.exit(cli_main(sys.argv[1:]))

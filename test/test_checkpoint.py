@@ -379,3 +379,15 @@ def test_resolve_device(monkeypatch):
     assert checkpoint.resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match=r"device cuda:1 requested but only 1 CUDA GPU\(s\)"):
         checkpoint.resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="device 'foo' is not a device: use auto, cpu, cuda or cuda:N"):
+        checkpoint.resolve_device("foo")  # torch raises a RuntimeError the CLI would print as a traceback
+
+
+def test_an_arch_that_does_not_apply_is_an_error(tmp_path):
+    # arch names an official .pth's config; given with any other model it was silently ignored.
+    path = save_checkpoint(tmp_path / "ours.pt", Hiera(get_config(TINY)))
+    assert load_model(path, arch=TINY, device="cpu").config.name == TINY  # the file's own config: fine
+    with pytest.raises(ValueError, match=f"arch 'hiera_base_16x224' names .*; model .* is {TINY}"):
+        load_model(path, arch="hiera_base_16x224", device="cpu")
+    with pytest.raises(ValueError, match=f"is {TINY} \\(leave arch empty\\)"):
+        load_model(TINY, arch="hiera_small_8x96", device="cpu")

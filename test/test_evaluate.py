@@ -3,6 +3,8 @@ text, JSON and PNG outputs; and the shipped model's held-out claim, reproduced a
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -15,6 +17,8 @@ from hiera_perception.engine import Engine
 from hiera_perception.evaluate import add_arguments, evaluate, format_report, main
 from hiera_perception.model import Hiera
 from hiera_perception.synth import ACTIONS, write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
 
 NAMES = list(ACTIONS)  # the model's class order
 
@@ -67,6 +71,23 @@ def test_cli_json_and_plot(folder, always_wave, tmp_path, capsys):
     assert json.loads(out.read_text()) == printed
     img = cv2.imread(str(png))
     assert img is not None and img.shape[0] > 8 * 44 and img.shape[1] > 8 * 44
+
+
+def test_bad_output_paths_fail_before_scoring_and_the_module_entry_point_speaks_one_line(folder, always_wave,
+                                                                                          tmp_path, monkeypatch):
+    import hiera_perception.evaluate as ev
+
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("scored clips before checking --out/--plot"))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for option, error in ((["--plot", str(tmp_path)], "is a folder"), (["--out", "/proc/x.json"], "cannot write")):
+        args = p.parse_args(["--model", str(always_wave), "--data", str(folder), "--device", "cpu", *option])
+        with pytest.raises((ValueError, OSError), match=error):
+            main(args)
+    run = subprocess.run([sys.executable, "-m", "hiera_perception.evaluate", "--data", str(tmp_path / "none"),
+                          "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("hiera-perception eval: no labels.csv in"), run.stderr
 
 
 def test_labels_the_model_lacks_are_an_error(folder, tmp_path):

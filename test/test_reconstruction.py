@@ -111,6 +111,13 @@ def test_norm_pix_is_undone_with_each_patch_own_statistics(mae, predict, monkeyp
                 assert np.abs(rebuilt[r: r + ps, c: c + ps].astype(np.int32) - round(patch.mean())).max() <= 1
 
 
+def test_a_mask_ratio_outside_0_1_is_refused(mae):
+    frames = np.zeros((mae.config.input_size[0], 32, 32, 3), np.uint8)
+    for ratio in (1.0, 1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="mask_ratio must be in \\[0, 1\\)"):
+            reconstruction_panel(mae, frames, mask_ratio=ratio)
+
+
 def test_save_png_round_trips(tmp_path):
     import cv2
 

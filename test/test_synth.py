@@ -1,6 +1,7 @@
 """The synthetic action world: determinism, shapes, shifts, motion that only time reveals, the CLI."""
 
 import csv
+import math
 
 import cv2
 import numpy as np
@@ -271,6 +272,15 @@ def test_cli_unlabeled_and_shifted_reproduces_the_clip(tmp_path):
 def test_cli_rejects_a_bad_size(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["synth", "--out", str(tmp_path), "--clips", "1", "--size", "4x4"])
+
+
+def test_infinite_rates_and_durations_are_refused(tmp_path, capsys):
+    for option in (["--fps", "inf"], ["--seconds", "inf"], ["--fps", "nan"]):
+        assert cli.main(["synth", "--out", str(tmp_path / "x"), "--clips", "1", "--no-progress", *option]) == 1
+        assert "must be finite numbers > 0" in capsys.readouterr().err
+    for kwargs in ({"fps": math.inf}, {"segment_s": (1.0, math.inf)}):
+        with pytest.raises(ValueError, match="finite fps > 0"):
+            SyntheticCamera(**kwargs)
 
 
 def test_an_odd_size_is_refused_before_anything_is_written(tmp_path, capsys):
