@@ -10,13 +10,18 @@ hold"), so a camera that runs slowly, unevenly or drops frames changes *which* f
 never *when* the samples are: the timeline is fixed by the anchor alone.
 
 Clip k is complete (and `push` returns it) as soon as a frame with stamp >= t[k, last] arrives, or already at
-the frame its last sample takes, when the next frame is not due before t[k, last]: when this frame's stamp plus
-EARLY_FRACTION of the frame period (the shorter of the last two intervals between frames) lies past it. Waiting
-for the next frame to prove it would add up to a frame period to such a clip's latency: 33 ms at 30 fps, and at
-the node's stride of 0.15 s and hop of 0.5 s every clip's last sample falls halfway between two frames. A frame
-that comes sooner after all (the camera sped up) is one the waiting rule would have taken; `early_misses`
-counts them. A frame that lands after several clips' end times completes all of them at once, each made from
-the frames at or before its sample times (a gap up to `max_gap_s` is bridged by holding the last frame, not skipped).
+the frame its last sample takes, when the next frame cannot come at or before t[k, last]: when this frame's stamp
+plus the frame period P (the shorter of the last two intervals between frames), less a safety margin, lies past
+it. Waiting for the next frame to prove it would add a whole frame period to such a clip's latency: 33 ms at
+30 fps, 67 ms at 15 fps. The margin is what this camera needs: 1.5 times the most any of the last EARLY_WINDOW
+frames came before it was due (at its predecessor's stamp plus P), kept between 0.05 P and 0.25 P; 0.25 P until
+EARLY_WINDOW frames of the timeline have shown it. A steady camera thus completes a clip early whenever its last
+sample lies in the first 95 % of a frame interval (at 15 or 25 fps with the node's stride of 0.15 s and hop of
+0.5 s every other clip's falls at 75 %; a first frame stamped late moves them all), a jittery one when in the first
+75 %. A frame that comes sooner after all (the camera sped up) is one the waiting rule would have taken;
+`early_misses` counts them. A frame that lands after several clips' end times completes all of them at once, each
+made from the frames at or before its sample times (a gap up to `max_gap_s` is bridged by holding the last frame,
+not skipped).
 
 Resets: a stamp more than `max_gap_s` after the previous one, or any stamp earlier than the
 previous one (a bag looping, a simulator restarting), drops every stored frame and re-anchors on
@@ -60,15 +65,19 @@ import numpy as np
 
 from .preprocess import crop_resize
 
-__all__ = ["Clip", "ClipBuffer", "STAMP_TOLERANCE_S", "EARLY_FRACTION"]
+__all__ = ["Clip", "ClipBuffer", "STAMP_TOLERANCE_S", "EARLY_MARGIN", "EARLY_WINDOW", "EARLY_SAFETY"]
 
 log = logging.getLogger(__name__)
 
 STAMP_TOLERANCE_S = 1e-6
-# A clip completes early only when its last sample lies in the first 3/4 of the interval the next frame is expected
-# after: a frame up to a quarter interval early (8 ms at 30 fps) is still not missed. A last sample on a frame's
-# own time is left to that frame, which completes the clip as it arrives.
-EARLY_FRACTION = 0.75
+# A clip completes early only when the next frame, due a period P on, would still come after its last sample if it
+# came early by the margin: the observed earliness of the last EARLY_WINDOW frames times EARLY_SAFETY, within
+# EARLY_MARGIN (as fractions of P; the upper bound until the window is full: a frame up to a quarter interval early,
+# 8 ms at 30 fps, is then still not missed). A last sample on a frame's own time is left to that frame, which
+# completes the clip as it arrives.
+EARLY_MARGIN = (0.05, 0.25)
+EARLY_WINDOW = 30
+EARLY_SAFETY = 1.5
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,8 @@ class ClipBuffer:
         self._next_clip = 0  # k of the next clip to complete
         self._early_end: float | None = None  # last sample time of the newest clip returned early
         self._interval: float | None = None  # between the last two frames of this timeline
+        self._due: float | None = None  # when the next frame is expected: the last stamp plus the period
+        self._earliness: deque[float] = deque(maxlen=EARLY_WINDOW)  # how early this timeline's frames came, >= 0
 
     # ------------------------------------------------------------------ public
 
@@ -194,7 +205,8 @@ class ClipBuffer:
         self._entries.clear()
         self._anchor = None
         self._next_clip = 0
-        self._early_end = self._interval = None
+        self._early_end = self._interval = self._due = None
+        self._earliness.clear()
 
     def push(self, stamp_s: float, frame: np.ndarray, tag: Any = None) -> list[Clip]:
         """Add a frame [H, W, 3] uint8 stamped `stamp_s` (seconds); return the clips it completes.
@@ -236,7 +248,10 @@ class ClipBuffer:
         if self._entries:
             interval = stamp - self._entries[-1].stamp
             period = interval if self._interval is None else min(interval, self._interval)
+            if self._due is not None:
+                self._earliness.append(max(0.0, self._due - stamp))
         self._interval = interval
+        self._due = None if period is None else stamp + period
         if self._anchor is None:
             self._anchor = stamp
             self._next_clip = 0
@@ -250,10 +265,15 @@ class ClipBuffer:
             self.early_misses += 1
 
         clips = []
+        margin = None
         while True:
             end = self._sample_time(self._next_clip, self.num_frames - 1)
             if stamp < end - STAMP_TOLERANCE_S:
-                if period is None or stamp + EARLY_FRACTION * period <= end + STAMP_TOLERANCE_S:
+                if period is None:
+                    break
+                if margin is None:
+                    margin = self._early_margin(period)
+                if stamp + (period - margin) <= end + STAMP_TOLERANCE_S:
                     break
                 self._early_end = end  # the next frame is not due until after the last sample: done now
             clips.append(self._make_clip(self._next_clip))
@@ -270,6 +290,13 @@ class ClipBuffer:
         return clips
 
     # ----------------------------------------------------------------- private
+
+    def _early_margin(self, period: float) -> float:
+        """How early (seconds) the next frame may come, for the early-completion rule."""
+        lo, hi = EARLY_MARGIN
+        if len(self._earliness) < EARLY_WINDOW:
+            return hi * period
+        return min(hi * period, max(lo * period, EARLY_SAFETY * max(self._earliness)))
 
     def _sample_time(self, k: int, i: int) -> float:
         # The one formula for sample times: every comparison uses exactly these floats.

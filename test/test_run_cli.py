@@ -16,7 +16,7 @@ import torch
 
 from hiera_perception import cli
 from hiera_perception.checkpoint import save_checkpoint
-from hiera_perception.clip_buffer import EARLY_FRACTION
+from hiera_perception.clip_buffer import EARLY_MARGIN
 from hiera_perception.config import get_config
 from hiera_perception.dataset import load_clip, video_format, write_video
 from hiera_perception.engine import Engine
@@ -129,15 +129,15 @@ def test_a_timelapse_slower_than_one_frame_a_second_gives_its_clips(tmp_path, ca
     assert video_fps(path) == pytest.approx(0.5)
     rows = run_json(capsys, ["--model", str(model_file), "--video", str(path)])
     # Clips every 8/15 s, 14/15 s long, each frame held until the next: as live, a clip whose last sample falls
-    # within EARLY_FRACTION of a frame interval after the last frame (8 s) goes out with it, so k * 8/15 + 14/15
-    # < 8 + 0.75 * 2: k = 0 .. 16
+    # in the first 3/4 of a frame interval after the last frame (8 s) goes out with it (5 frames are too few to
+    # narrow the margin from a quarter interval), so k * 8/15 + 14/15 < 8 + 0.75 * 2: k = 0 .. 16
     stamps = [0.0, 2.0, 4.0, 6.0, 8.0]
     assert len(rows) == 17
     for k, row in enumerate(rows):
         first, last = k * 8 / FPS, k * 8 / FPS + 14 / FPS
         assert row["start"] == pytest.approx(max(s for s in stamps if s <= first + TOL), abs=1e-4)
         assert row["end"] == pytest.approx(max(s for s in stamps if s <= last + TOL), abs=1e-4)
-    assert 16 * 8 / FPS + 14 / FPS < 8 + EARLY_FRACTION * 2 < 17 * 8 / FPS + 14 / FPS
+    assert 16 * 8 / FPS + 14 / FPS < 8 + (1 - EARLY_MARGIN[1]) * 2 < 17 * 8 / FPS + 14 / FPS
 
 
 def test_too_short_video_returns_1(tmp_path, capsys, model_file):
