@@ -1,6 +1,6 @@
 """Node latency over real ROS 2: camera frame published -> /action_features received, adaptation off and on.
 
-Runs `hiera-perception demo` (synthetic camera at 30 fps -> perception node -> consumer, three processes,
+Runs `hiera-perception demo` (synthetic camera at 30 fps, or --fps -> perception node -> consumer, three processes,
 real DDS on this machine) once per variant and keeps its summary: clips/s, latency p50/p95/p99 (the
 consumer's clock minus the clip's last frame stamp), and the frames the node never received and the clips it cut
 but never delivered (demo.DemoStats.drops). Both variants run on the same model, one after the other.
@@ -31,6 +31,8 @@ VARIANTS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="node model (default: the embedded one)")
     p.add_argument("--seconds", type=float, default=90.0)
+    p.add_argument("--fps", type=float, default=30.0,
+                   help="synthetic camera rate (default 30; results node_cpu.json, else node_cpu_<fps>fps.json)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved (off, on, off, on, ...)")
     p.add_argument("--out", default=None)
 
@@ -43,7 +45,7 @@ def _demo(args, extra: list[str]) -> dict:
 
 def _run_demo(args, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "hiera_perception", "demo", "--duration", str(args.seconds), "--json",
-           "--top-k", "1", *(["--model", args.model] if args.model else []), *extra]
+           "--top-k", "1", "--fps", str(args.fps), *(["--model", args.model] if args.model else []), *extra]
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.seconds + 300)
     if out.returncode != 0:
@@ -77,6 +79,8 @@ def main(args) -> None:
                        s["camera_fps"], _dropped(s, "frames", "camera_frames"), _dropped(s, "clips", "clips_cut"),
                        s["encoder_swaps"]] for n, r, s in runs]}
     table["rows"].append(["median p95: on / off", "", "", "", "", f"{ratio:.2f}x", "", "", "", "", ""])
-    write_result("node_cpu", {"title": "Node latency over ROS 2 (frame published -> ActionFeatures received), 30 fps",
-                              "seconds": args.seconds, "runs": [{"variant": n, "run": r, **s} for n, r, s in runs],
-                              "median_p95_ms": p95, "p95_ratio_on_off": ratio, "table": table}, args.out)
+    name = "node_cpu" if args.fps == 30 else f"node_cpu_{args.fps:g}fps"
+    title = f"Node latency over ROS 2 (frame published -> ActionFeatures received), {args.fps:g} fps"
+    write_result(name, {"title": title, "seconds": args.seconds, "fps": args.fps,
+                        "runs": [{"variant": n, "run": r, **s} for n, r, s in runs],
+                        "median_p95_ms": p95, "p95_ratio_on_off": ratio, "table": table}, args.out)
