@@ -14,13 +14,25 @@ import os
 # waiters made torch 10-50x slower (measured while building the embedded model). Set it yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from hiera_perception.checkpoint import load_checkpoint, load_model, save_checkpoint
-from hiera_perception.config import CONFIGS, HieraConfig, get_config
-from hiera_perception.model import EncoderOutput, Hiera
-from hiera_perception.preprocess import preprocess_clip
+import importlib
 
-__all__ = [
-    "CONFIGS", "EncoderOutput", "Hiera", "HieraConfig", "get_config", "load_checkpoint", "load_model",
-    "preprocess_clip", "save_checkpoint",
-]
+# name -> module. Loaded on first use (PEP 562), so that the camera and consumer nodes and `hiera-perception
+# --help`, which need no torch, do not pay its import (1.5 s and 200 MiB).
+_EXPORTS = {
+    "load_checkpoint": "checkpoint", "load_model": "checkpoint", "save_checkpoint": "checkpoint",
+    "CONFIGS": "config", "HieraConfig": "config", "get_config": "config",
+    "EncoderOutput": "model", "Hiera": "model",
+    "preprocess_clip": "preprocess",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"hiera_perception.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'hiera_perception' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -19,18 +19,21 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import cv2
 import numpy as np
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.exceptions import InvalidTopicNameException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.task import Future
 from rclpy.time import Time
+from rclpy.validate_topic_name import validate_topic_name
 
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
@@ -43,6 +46,7 @@ __all__ = ["CameraPublisher", "CameraConfig", "format_true_action", "parse_true_
 
 NODE_NAME = "camera_publisher"
 MAX_FPS = 240.0
+MIN_FPS = 0.01  # a frame every 100 s; far slower overflows the timer's integer nanoseconds
 _WARN_EVERY_S = 5.0
 _SUMMARY_EVERY_S = 10.0
 _FAILURES_BEFORE_REOPEN = 30  # consecutive failed webcam reads before the device is opened again
@@ -74,11 +78,18 @@ class FrameSource(Protocol):
     def close(self) -> None: ...
 
 
+def _fps_problem(fps: float) -> str | None:
+    """Why `fps` cannot pace the timer, or None: 0 (the source's own rate) or MIN_FPS .. MAX_FPS."""
+    if fps == 0.0 or MIN_FPS <= fps <= MAX_FPS:
+        return None
+    return f"fps must be 0 (the source's rate) or in [{MIN_FPS:g}, {MAX_FPS:g}], got {fps:g}"
+
+
 def _source_fps(cap: cv2.VideoCapture) -> float:
-    """The rate a file or webcam reports, or 30 when it reports none or one past MAX_FPS (some containers give
-    their time base, e.g. 1000): fps=0 runs the timer at it, which must stay in the fps parameter's range."""
+    """The rate a file or webcam reports, or 30 when it reports none or one outside MIN_FPS .. MAX_FPS (some
+    containers give their time base, e.g. 1000): fps=0 runs the timer at it, which must stay in the fps range."""
     fps = cap.get(cv2.CAP_PROP_FPS)
-    return fps if fps and 0 < fps <= MAX_FPS else 30.0
+    return fps if fps and MIN_FPS <= fps <= MAX_FPS else 30.0
 
 
 class _VideoSource:
@@ -100,7 +111,11 @@ class _VideoSource:
         if not ok and self.loop:
             # Reopening is what works for every container; seeking to frame 0 does not in some.
             self._cap.release()
-            self._cap = self._open()
+            try:
+                self._cap = self._open()
+            except ValueError:  # the file went away or broke while it played: a failed read, tried again next tick
+                self._cap = cv2.VideoCapture()
+                return None, None
             ok, bgr = self._cap.read()
         if not ok:
             self.ended = True
@@ -215,8 +230,10 @@ class CameraConfig:
                              f"{', '.join(chosen) or 'none'}")
         if (self.width == 0) != (self.height == 0):
             raise ValueError(f"parameters width/height: both 0 or both > 0, got {self.width} x {self.height}")
+        if (why := _fps_problem(self.fps)) is not None:
+            raise ValueError(f"parameter {why}")
         seg = self.synthetic_segment_s
-        if len(seg) != 2 or not 0 < seg[0] <= seg[1]:
+        if len(seg) != 2 or not 0 < seg[0] <= seg[1] < math.inf:
             raise ValueError(f"parameter synthetic_segment_s: [min, max] with 0 < min <= max, got {list(seg)}")
         if self.synthetic:
             from hiera_perception.synth import SHIFTS
@@ -275,6 +292,8 @@ class CameraPublisher(Node):
             if p.name == "fps" and self.config.synthetic:
                 # Its motion and action lengths are laid out in frames of the rate it started with.
                 return SetParametersResult(successful=False, reason="the synthetic camera's fps is fixed at start")
+            if p.name == "fps" and (why := _fps_problem(p.value)) is not None:
+                return SetParametersResult(successful=False, reason=why)
         return SetParametersResult(successful=True)
 
     def _apply_parameters(self, params: list[Parameter]) -> None:
@@ -381,8 +400,8 @@ def parameters_from_args(args: argparse.Namespace) -> list[Parameter]:
     else:
         params += [Parameter("synthetic", value=True), Parameter("synthetic_seed", value=int(args.seed))]
     fps = args.fps if args.fps is not None else (30.0 if args.synthetic else 0.0)
-    if not 0 < fps <= MAX_FPS and not (fps == 0.0 and not args.synthetic):
-        raise ValueError(f"--fps must be in (0, {MAX_FPS:g}], got {args.fps}")
+    if not MIN_FPS <= fps <= MAX_FPS and not (fps == 0.0 and not args.synthetic):
+        raise ValueError(f"--fps must be in [{MIN_FPS:g}, {MAX_FPS:g}], got {args.fps}")
     params.append(Parameter("fps", value=float(fps)))
     if args.size:
         w, _, h = args.size.lower().partition("x")
@@ -394,6 +413,10 @@ def parameters_from_args(args: argparse.Namespace) -> list[Parameter]:
 
 def main(args: argparse.Namespace) -> int:
     params = parameters_from_args(args)
+    try:
+        validate_topic_name(args.topic)
+    except InvalidTopicNameException:
+        raise ValueError(f"--topic {args.topic!r} is not a valid ROS topic name") from None
     logging.getLogger(__name__).info("publishing on %s until Ctrl-C", args.topic)
     # The node publishes on `image`; --topic is a remap, exactly what `--ros-args -r image:=TOPIC` does.
     return run([], parameter_overrides=params, cli_args=["--ros-args", "-r", f"image:={args.topic}"])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # command -> (module, one-line help)
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     module = importlib.import_module(COMMANDS[args.command][0])
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (`timeout`, systemd, `docker stop`) unwinds like an error, so that temporary files are removed
+        # (a download's, a checkpoint's) and `finally` blocks run; by default it killed the process outright.
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
@@ -79,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hiera-perception {args.command}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,8 @@ class ActionConsumer(Node):
                 labels = list(self.get_parameter("labels").value or [])
             except ParameterUninitializedException:  # declared by type only, and not given
                 labels = []
+            if dupes := sorted({lb for lb in labels if labels.count(lb) > 1}):
+                raise ValueError(f"parameter labels: listed more than once: {', '.join(dupes)}")
             for label in labels:
                 self.declare_parameter(f"commands.{label}", list(STOP), _desc(
                     f"Twist for {label!r}: [linear x, y, z, angular x, y, z] (m/s, rad/s)", read_only=True))

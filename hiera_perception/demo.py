@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import contextlib
 import logging
 import os
 import random
@@ -35,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -332,7 +334,7 @@ def _make_printer(args: argparse.Namespace, stats: DemoStats):
 def main(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.duration < 0 or args.startup_timeout <= 0:
+    if not (args.duration >= 0 and args.startup_timeout > 0):  # NaN too: it passed `< 0` and switched limits off
         raise ValueError(f"--duration must be >= 0 and --startup-timeout > 0, got {args.duration}, "
                          f"{args.startup_timeout}")
     args.synthetic = args.video is None and args.camera is None
@@ -358,17 +360,23 @@ def main(args: argparse.Namespace) -> int:
     node = {"model": str(args.model), "device": str(args.device), "top_k": int(args.top_k)}
     for item in args.param:
         name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--param takes NAME=VALUE, got {item!r}")
-        *groups, leaf = name.strip().split(".")  # adaptation.enabled -> {adaptation: {enabled: ...}} in the YAML
+        parts = name.strip().split(".")  # adaptation.enabled -> {adaptation: {enabled: ...}} in the YAML
+        if not sep or not all(parts):
+            raise ValueError(f"--param takes NAME=VALUE (NAME may be dotted, e.g. adaptation.enabled), got {item!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--param {item!r}: the value is not YAML ({' '.join(str(e).split())})") from None
         target = node
-        for g in groups:
+        for g in parts[:-1]:
             target = target.setdefault(g, {})
-        target[leaf] = yaml.safe_load(value)
+            if not isinstance(target, dict):
+                raise ValueError(f"--param {item!r}: {g} was given a value of its own by an earlier --param")
+        target[parts[-1]] = parsed
 
     stats = DemoStats()
     verbose = bool(getattr(args, "verbose", False))
-    with tempfile.TemporaryDirectory(prefix="hiera_demo_") as tmp:
+    with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="hiera_demo_") as tmp:
         workdir = Path(tmp)
         if not node["model"]:
             node["model"] = _embedded_or_untrained(workdir)
@@ -388,6 +396,24 @@ def main(args: argparse.Namespace) -> int:
             if stats.received_s or stats.scored:
                 s = stats.summary()
                 print(json.dumps({"summary": s}) if args.json else format_summary(s), flush=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (`timeout`, systemd, `docker stop`) ends the demo as Ctrl-C does: the children are stopped, the
+    summary printed and the temporary folder removed. By default it killed the process before any of that."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _embedded_or_untrained(workdir: Path) -> str:

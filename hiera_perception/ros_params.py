@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException, NameValidationException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.logging import get_logger
@@ -43,7 +43,8 @@ def declare_all(node: Node, table: dict[str, tuple[Any, ParameterDescriptor]],
         try:
             node.declare_parameter(name, default, descriptor)
         except (InvalidParameterValueException, InvalidParameterTypeException) as e:
-            hint = " (write floats with a decimal point, e.g. 1.0)" if isinstance(default, float) else ""
+            slip = isinstance(default, float) and "'INTEGER'" in str(e)  # `1` where `1.0` was meant
+            hint = " (write floats with a decimal point, e.g. 1.0)" if slip else ""
             raise error(f"parameter {name}: {e.args[0] if e.args else e}{hint}") from None
     return {name: node.get_parameter(name).value for name in table}
 
@@ -74,14 +75,19 @@ def on_parameters(node: Node, apply: Callable[[list[Parameter]], None],
 
 def spin_node(make_node: Callable[[], Node], name: str, args: list[str] | None = None,
               until: Callable[[Node], Any] | None = None) -> int:
-    """rclpy.init, the node until Ctrl-C (or until the future `until(node)` completes); 0, or 2 when the node
-    refuses its parameters (ValueError)."""
-    rclpy.init(args=args)  # not `with rclpy.init()`: a context manager only since Kilted
+    """rclpy.init, the node until Ctrl-C (or until the future `until(node)` completes); 0, or 2 with one fatal
+    line when the ROS arguments do not parse (a bad `-p`, params file or remap) or the node refuses its
+    parameters (ValueError) or names (a topic that is not a valid name)."""
+    try:
+        rclpy.init(args=args)  # not `with rclpy.init()`: a context manager only since Kilted
+    except (_rclpy.RCLError, _rclpy.UnknownROSArgsError) as e:
+        get_logger(name).fatal(f"bad ROS arguments: {' '.join(str(e).split())}")
+        return 2
     try:
         try:
             node = make_node()
-        except ValueError as e:
-            get_logger(name).fatal(str(e))
+        except (ValueError, NameValidationException) as e:
+            get_logger(name).fatal(" ".join(str(e).split()))
             return 2
         ex = SingleThreadedExecutor()
         ex.add_node(node)

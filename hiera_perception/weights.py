@@ -71,6 +71,7 @@ DEFAULT_TAG = "mae_k400_ft_k400"
 _BASE_URL = "https://dl.fbaipublicfiles.com/hiera/"
 _CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough for a smooth progress bar
 _URL_SCHEMES = ("http", "https", "file")  # file:// serves offline mirrors
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format, and its legacy pickle format
 
 
 class WeightsError(RuntimeError):
@@ -193,6 +194,9 @@ def read_record(folder: str | os.PathLike) -> dict[str, dict]:
         record = json.loads(text)
         if not isinstance(record, dict):
             raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        for name, info in record.items():
+            if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and type(info.get("size")) is int):
+                raise ValueError(f"entry {name!r} is not {{sha256: str, size: int, ...}}")
     except ValueError as e:
         raise ChecksumError(f"unreadable checksum record {path}: {e}; delete it and fetch again") from e
     return record
@@ -200,8 +204,7 @@ def read_record(folder: str | os.PathLike) -> dict[str, dict]:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the cache folder itself (no lock file left behind) while updating the
-    record, so two concurrent fetches of different files cannot lose each other's entry."""
+    """Hold an exclusive lock on the cache folder itself (no lock file left behind)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, the record is still replaced atomically
@@ -216,15 +219,15 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _record_download(folder: Path, filename: str, sha256: str, size: int, url: str) -> None:
-    with _locked(folder):
-        record = read_record(folder)
-        record[filename] = {
-            "sha256": sha256,
-            "size": size,
-            "url": url,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        atomic_write_text(folder / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    """Add a file to the record; the caller holds the folder's lock."""
+    record = read_record(folder)
+    record[filename] = {
+        "sha256": sha256,
+        "size": size,
+        "url": url,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(folder / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def verify(path: str | os.PathLike) -> None:
@@ -274,6 +277,7 @@ def _download(url: str, dest: Path, timeout: float, progress: bool) -> tuple[str
     request = urllib.request.Request(url, headers={"User-Agent": "hiera-perception"})
     received = 0
     expected: int | None = None
+    head = b""
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
@@ -290,7 +294,13 @@ def _download(url: str, dest: Path, timeout: float, progress: bool) -> tuple[str
                     f.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
+                    head = head if len(head) >= 4 else (head + chunk)[:4]
                     bar.update(len(chunk))
+                if not head.startswith(_TORCH_MAGIC):  # an error or login page served with 200 OK, say
+                    raise DownloadError(
+                        f"{url} did not send a PyTorch checkpoint (its first bytes are {head!r}, not a zip or "
+                        f"pickle); check the URL. Nothing was kept"
+                    )
                 if expected is not None and received != expected:
                     raise DownloadError(
                         f"download of {url} has the wrong size: expected {expected} bytes (Content-Length), "
@@ -351,9 +361,15 @@ def fetch(
             logger.warning("%s has no checksum record in %s; downloading it again", dest, folder / RECORD_NAME)
 
     folder.mkdir(parents=True, exist_ok=True)
-    logger.info("downloading %s -> %s", source, dest)
-    sha256, size = _download(source, dest, timeout=timeout, progress=progress)
-    _record_download(folder, dest.name, sha256, size, source)
+    # One fetch at a time per cache folder: what another fetch was writing is never taken for a leftover, and
+    # two fetches of different files cannot lose each other's record entry.
+    with _locked(folder):
+        for stale in folder.glob(f".{dest.name}.*.tmp"):  # a download killed outright (SIGKILL, power loss)
+            logger.warning("removing %s, left by an interrupted download (%d bytes)", stale, stale.stat().st_size)
+            stale.unlink(missing_ok=True)
+        logger.info("downloading %s -> %s", source, dest)
+        sha256, size = _download(source, dest, timeout=timeout, progress=progress)
+        _record_download(folder, dest.name, sha256, size, source)
     logger.info("saved %s (%d bytes, sha256 %s)", dest, size, sha256)
     return dest
 

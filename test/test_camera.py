@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from pathlib import Path
@@ -92,6 +93,71 @@ def test_video_rate_past_max_fps_is_not_believed(tmp_path):
         rates[fps] = source.fps
         source.close()
     assert rates == {1000.0: 30.0, 15.0: 15.0, MAX_FPS: MAX_FPS}
+
+
+def test_a_rate_too_slow_for_the_timer_is_refused_at_start_at_run_time_and_by_publish(video):
+    # fps 1e-12 is inside the descriptor's [0, 240] but its timer period overflows: the node died with a traceback,
+    # at start or on one `ros2 param set`.
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from hiera_perception import camera
+
+    parser = argparse.ArgumentParser()
+    camera.add_arguments(parser)
+    with pytest.raises(ValueError, match=r"--fps must be in \[0.01, 240\], got 1e-12"):
+        camera.parameters_from_args(parser.parse_args(["--video", "v.avi", "--fps", "1e-12"]))
+    path, _ = video
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        with pytest.raises(ValueError, match=r"parameter fps must be 0 \(the source's rate\) or in \[0.01, 240\]"):
+            camera.CameraPublisher(context=context, parameter_overrides=[
+                Parameter("video_path", value=str(path)), Parameter("fps", value=1e-12)])
+        node = camera.CameraPublisher(context=context, parameter_overrides=[Parameter("video_path", value=str(path))])
+        result = node.set_parameters([Parameter("fps", value=1e-12)])[0]
+        assert not result.successful and "got 1e-12" in result.reason and node._fps == 30.0
+        assert node.set_parameters([Parameter("fps", value=0.01)])[0].successful and node._fps == 0.01
+        node.destroy_node()
+    finally:
+        context.try_shutdown()
+
+
+def test_a_looping_video_that_becomes_unreadable_is_a_failed_read_not_a_crash(video, tmp_path):
+    from hiera_perception.camera import _VideoSource
+
+    path = tmp_path / "clip.avi"
+    path.write_bytes(video[0].read_bytes())
+    source = _VideoSource(str(path), loop=True)
+    assert sum(source.read()[0] is not None for _ in range(N)) == N
+    path.unlink()  # deleted (or replaced) while it played: the reopen at its end fails
+    assert source.read() == (None, None) and not source.ended
+    assert source.read() == (None, None) and not source.ended  # tried again on every tick
+    path.write_bytes(video[0].read_bytes())
+    assert source.read()[0] is not None  # and plays again once it is back
+    source.close()
+
+
+def test_bad_ros_arguments_and_topics_are_one_fatal_line(video):
+    # rclpy.init refused them with an RCLError traceback (a bad -p, a missing params file, a bad remap or topic)
+    import subprocess
+    import sys
+
+    from ros_helpers import REPO, ros_env
+
+    env = ros_env(int(os.environ["ROS_DOMAIN_ID"]))  # this module's (the autouse fixture)
+    cases = [
+        (["-m", "hiera_perception.camera", "--ros-args", "-p", "fps"], 2, "bad ROS arguments"),
+        (["-m", "hiera_perception.camera", "--ros-args", "--params-file", "/nonexistent.yaml"], 2,
+         "bad ROS arguments"),
+        (["-m", "hiera_perception.camera", "--ros-args", "-r", "image:=bad topic"], 2, "bad ROS arguments"),
+        (["-m", "hiera_perception", "publish", "--video", str(video[0]), "--topic", "bad@topic"], 1,
+         "--topic 'bad@topic' is not a valid ROS topic name"),
+    ]
+    for argv, code, message in cases:
+        out = subprocess.run([sys.executable, *argv], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == code and message in out.stderr + out.stdout, (argv, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr, (argv, out.stderr)
 
 
 def test_webcam_asks_for_one_buffer_and_reopens_after_failures(monkeypatch):

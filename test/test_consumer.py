@@ -260,5 +260,8 @@ def test_node_parameters_without_a_file_and_with_a_bad_command():
         with pytest.raises(ValueError, match="command of 'wave' needs 6 numbers"):
             ActionConsumer(context=context, parameter_overrides=[
                 Parameter("labels", value=["wave"]), Parameter("commands.wave", value=[0.0, 1.0])])
+        # a label listed twice declared its commands.<label> twice: ParameterAlreadyDeclaredException, a traceback
+        with pytest.raises(ValueError, match="parameter labels: listed more than once: wave"):
+            ActionConsumer(context=context, parameter_overrides=[Parameter("labels", value=["wave", "idle", "wave"])])
     finally:
         context.try_shutdown()

@@ -118,3 +118,54 @@ def test_demo_prints_a_line_per_clip_and_the_summary(tmp_path):
         assert float(share) >= 80.0
     else:
         assert lines[0].group(4) == "rnd@0"
+
+
+def test_bad_options_are_one_line_errors(monkeypatch):
+    import argparse
+
+    from hiera_perception import demo
+
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(rh.domain_id(5)))  # main sets a default one otherwise
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    cases = [(["--duration", "nan"], "--duration must be >= 0"),  # NaN ran the demo until killed
+             (["--startup-timeout", "nan"], "--startup-timeout > 0"),
+             (["--param", "x=["], r"--param 'x=\[': the value is not YAML"),  # yaml's ScannerError, a traceback
+             (["--param", "adaptation=1", "--param", "adaptation.enabled=true"],
+              "adaptation was given a value of its own"),  # TypeError, a traceback
+             (["--param", ".=1"], "--param takes NAME=VALUE"),
+             (["--param", "adaptation..enabled=1"], "--param takes NAME=VALUE")]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            demo.main(p.parse_args(argv))
+
+
+def test_sigterm_stops_the_demo_like_ctrl_c(tmp_path):
+    # `timeout`, systemd or `docker stop`: the summary is printed, the children stopped and the temporary folder
+    # (parameter files, logs) removed; SIGTERM used to kill the demo outright and leave them.
+    import os
+    import signal
+    import time
+
+    env = {**rh.ros_env(rh.domain_id(5)), "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", RUN_DEMO], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 180
+        while len(lines) < 3 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if LINE.match(line.rstrip("\n")):
+                lines.append(line)
+        assert len(lines) == 3, proc.stderr.read() if proc.poll() is not None else "no clips in 180 s"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("hiera_demo_")], "the demo's folder exists"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert out.splitlines()[-1].startswith("summary: "), out[-2000:]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("hiera_demo_")], "its folder was removed"

@@ -250,6 +250,55 @@ def test_corrupt_file_is_caught_and_refetched(server, payload, tmp_path):
     weights.verify(path)
 
 
+def test_a_page_that_is_not_a_checkpoint_is_not_cached(server, tmp_path):
+    # a mirror's error or login page sent with 200 OK was cached, recorded and then "verified" on every load
+    server.payload = b"<!DOCTYPE html><html>Not here</html>"
+    with pytest.raises(weights.DownloadError, match=r"did not send a PyTorch checkpoint .*b'<!DO'"):
+        _fetch(server, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_leftovers_of_a_killed_download_are_removed(server, payload, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f".{FILENAME}.k1ll3d.tmp").write_bytes(payload[:1000])  # SIGKILL mid-download: no cleanup ran
+    (cache / ".other.pth.x.tmp").write_bytes(b"another file's download: not this fetch's to remove")
+    assert _fetch(server, cache).read_bytes() == payload
+    assert sorted(p.name for p in cache.iterdir()) == [".other.pth.x.tmp", FILENAME, "sha256.json"]
+
+
+def test_a_record_entry_of_the_wrong_shape_is_a_checksum_error(server, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "sha256.json").write_text(json.dumps({FILENAME: "abc"}))
+    with pytest.raises(weights.ChecksumError, match=f"entry '{FILENAME}' is not .*delete it and fetch again"):
+        _fetch(server, cache)
+
+
+def test_sigterm_during_a_download_leaves_nothing(server, tmp_path):
+    # `timeout`, systemd or `docker stop` sends SIGTERM: the temporary file was left in the cache for good
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    server.mode = "stall"  # half the file, then silence
+    cache = tmp_path / "cache"
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "hiera_perception", "fetch-weights", NAME, "--accept-license",
+                             "--cache-dir", str(cache), "--url", server.url], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(cache.glob(f".{FILENAME}.*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(cache.glob(f".{FILENAME}.*.tmp")), "the download never started"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert list(cache.iterdir()) == [], "nothing left in the cache"
+
+
 def test_files_without_record_pass_verify(tmp_path):
     own = tmp_path / "my_model.pth"
     own.write_bytes(b"anything")
