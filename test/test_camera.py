@@ -123,6 +123,24 @@ def test_a_rate_too_slow_for_the_timer_is_refused_at_start_at_run_time_and_by_pu
         context.try_shutdown()
 
 
+def test_the_decimal_point_hint_is_for_integers_only(video):
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from hiera_perception.camera import CameraPublisher
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        for value, hint in ((1, True), ("abc", False)):  # `fps:=1` is the YAML slip; `fps:=abc` is not
+            with pytest.raises(ValueError, match="parameter fps") as info:
+                CameraPublisher(context=context, parameter_overrides=[
+                    Parameter("video_path", value=str(video[0])), Parameter("fps", value=value)])
+            assert ("write floats with a decimal point" in str(info.value)) == hint, str(info.value)
+    finally:
+        context.try_shutdown()
+
+
 def test_a_looping_video_that_becomes_unreadable_is_a_failed_read_not_a_crash(video, tmp_path):
     from hiera_perception.camera import _VideoSource
 

@@ -35,3 +35,14 @@ def test_core_modules_import_without_ros():
 def test_the_probe_catches_a_ros_import():
     out = subprocess.run([sys.executable, "-c", PROBE, "node"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "imported ROS package" in out.stderr
+
+
+def test_the_cli_and_the_package_exports_load_torch_only_when_used():
+    # `hiera-perception --help`, the camera and the consumer need no torch: importing it cost 1.5 s and 200 MiB
+    probe = ("import sys, hiera_perception, hiera_perception.cli, hiera_perception.synth\n"
+             "assert 'torch' not in sys.modules, 'torch imported'\n"
+             "assert hiera_perception.get_config('hiera_tiny_8x64').name == 'hiera_tiny_8x64'\n"
+             "assert 'Hiera' in dir(hiera_perception) and hiera_perception.Hiera.__name__ == 'Hiera'\n"
+             "print('ok')")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
