@@ -29,6 +29,7 @@ from rclpy.exceptions import (InvalidParameterTypeException, InvalidParameterVal
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 
 from geometry_msgs.msg import Twist
 from hiera_perception_msgs.msg import ActionFeatures
@@ -182,9 +183,12 @@ class ActionConsumer(Node):
         # One single-threaded executor runs the subscription and the timer, one at a time: no locks needed.
         self._cmd_pub = self.create_publisher(Twist, "cmd_vel", 10)
         self._event_pub = self.create_publisher(String, "events", 10)
+        # Reliable, as the perception node publishes; `qos_overrides./action_features.subscription.*` change it (to
+        # match a node whose output was overridden to best effort, which a reliable subscriber never hears).
         self._sub = self.create_subscription(
             ActionFeatures, "action_features", self._on_features,
-            QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+            QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE),
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self._timer = self.create_timer(1.0 / self.get_parameter("rate_hz").value, self._on_timer)
         self.get_logger().info(f"{len(labels)} labels with commands; threshold {config.threshold:g}, "
                                f"hysteresis {config.hysteresis_clips} clips, timeout {config.timeout_s:g} s")

@@ -248,6 +248,7 @@ def test_params_file_applies_under_a_namespace():
 def test_node_parameters_without_a_file_and_with_a_bad_command():
     import rclpy
     from rclpy.parameter import Parameter
+    from rclpy.qos import ReliabilityPolicy
 
     from hiera_perception.consumer import ActionConsumer
 
@@ -256,10 +257,16 @@ def test_node_parameters_without_a_file_and_with_a_bad_command():
     try:
         plain = ActionConsumer(context=context)
         assert plain.decider.config.commands == {} and plain.decider.config.threshold == 0.6
+        assert plain._sub.qos_profile.reliability == ReliabilityPolicy.RELIABLE
         plain.destroy_node()
         with pytest.raises(ValueError, match="command of 'wave' needs 6 numbers"):
             ActionConsumer(context=context, parameter_overrides=[
                 Parameter("labels", value=["wave"]), Parameter("commands.wave", value=[0.0, 1.0])])
+        # the subscription's QoS follows qos_overrides, to match a node whose output was overridden
+        best = ActionConsumer(context=context, parameter_overrides=[
+            Parameter("qos_overrides./action_features.subscription.reliability", value="best_effort")])
+        assert best._sub.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
+        best.destroy_node()
         # a label listed twice declared its commands.<label> twice: ParameterAlreadyDeclaredException, a traceback
         with pytest.raises(ValueError, match="parameter labels: listed more than once: wave"):
             ActionConsumer(context=context, parameter_overrides=[Parameter("labels", value=["wave", "idle", "wave"])])
