@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("hiera_perception.train", "MAE pre-training on unlabeled clips (data folder or rosbag2)"),
     "finetune": ("hiera_perception.train", "supervised fine-tuning of a classification head (and encoder)"),
     "eval": ("hiera_perception.evaluate", "accuracy, per-class accuracy, confusion matrix, clips/s"),
-    "teach": ("hiera_perception.labeler", "teach new labels (prototypes) from a data folder"),
+    "teach": ("hiera_perception.labeler", "teach new labels (prototypes) from a data folder or a rosbag2; list or forget them"),
     "adapt": ("hiera_perception.adapt", "unlabeled MAE adaptation of a model to a data folder or rosbag2"),
     "fetch-weights": ("hiera_perception.weights", "download an official Hiera checkpoint (CC BY-NC 4.0, opt-in)"),
     "bench": ("benchmarks", "the benchmarks in benchmarks/ (from a source checkout), results to files"),

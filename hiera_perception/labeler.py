@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +113,10 @@ class Prototypes:
     def names(self) -> list[str]:
         return list(self._sums)
 
+    def count(self, label: str) -> int:
+        """Clips `label` was taught from (0 if it was not)."""
+        return self._counts.get(label, 0)
+
     def matrix(self) -> torch.Tensor:
         """[K_taught, C] unit prototype directions (cached: the labeler asks for them on every clip)."""
         with self._lock:
@@ -178,6 +184,8 @@ def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="data folder (labels.csv + videos) with clips of the new actions")
     src.add_argument("--bag", help="rosbag2 folder (or file) recorded while someone did one action: needs --label")
+    src.add_argument("--forget", metavar="NAME", help="remove the taught label NAME (undo a teach)")
+    src.add_argument("--list", action="store_true", help="list the taught labels and where they are kept")
     p.add_argument("--topic", default=None, help="image topic in --bag (default: its only image topic)")
     p.add_argument("--label", default=None, help="teach only this label of the folder (default: every label in "
                    "it); with --bag, the name every clip of the bag is taught as")
@@ -195,8 +203,21 @@ def main(args) -> int:
     if args.bag is not None and not (args.label or "").strip():
         raise SystemExit("teach --bag needs --label NAME: a bag carries no labels")
     engine = Engine(args.model, device=args.device, prototypes_file=args.prototypes)
-    if engine.prototypes.path is None:
+    protos = engine.prototypes
+    if protos.path is None:
         raise SystemExit("this model has no file to keep taught labels beside: pass --prototypes FILE")
+    if args.list:
+        print(f"{len(protos.names)} taught labels in {protos.path}")
+        for name in protos.names:
+            print(f"  {name}: {protos.count(name)} clips")
+        return 0
+    if args.forget is not None:
+        if not protos.remove(args.forget):
+            raise SystemExit(f"no taught label {args.forget!r} in {protos.path} (taught: "
+                             f"{', '.join(protos.names) or 'none'})")
+        protos.save()
+        print(f"forgot {args.forget!r} -> {protos.path} ({len(protos.names)} taught labels left)")
+        return 0
     if args.bag is not None:
         from hiera_perception.bag import BagClips
 
@@ -212,6 +233,15 @@ def main(args) -> int:
         if not by_label:
             raise SystemExit(f"no labelled clips{f' of {args.label!r}' if args.label else ''} in {args.data}")
     for label, clips in by_label.items():
+        # what the model makes of these clips before: a confident existing class is one the new label will compete with
+        seen = Counter(r.labels[0] for b in range(0, len(clips), 8) for r in engine.infer(clips[b : b + 8])
+                       if r.labels and r.scores[0] >= 0.5)
         count = engine.teach(label, clips)
-        print(f"taught {label!r}: {len(clips)} clips ({count} in all) -> {engine.prototypes.path}")
+        print(f"taught {label!r}: {len(clips)} clips ({count} in all) -> {protos.path}")
+        named, n = seen.most_common(1)[0] if seen else (label, 0)
+        others = len([c for c in engine.labeler.classes if c != label])
+        if named != label and n >= len(clips) / 2 and others >= 3:  # p >= 0.5 among 3+ classes: a clear call
+            # The new prototype sits where the model puts `named`: that class's clips can now go to `label`.
+            print(f"note: the model named {n} of {len(clips)} of these clips {named!r} (p >= 0.5) before: clips of {named!r} may "
+                  f"now be named {label!r}; check with `eval`, undo with `teach --forget {label}`", file=sys.stderr)
     return 0

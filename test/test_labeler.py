@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -288,6 +289,35 @@ def test_teach_cli_writes_prototypes_beside_the_model(tmp_path):
     assert engine.prototypes.path == proto_file
     assert engine.infer([sweep(rng)])[0].labels[0] == "sweep"
     assert engine.infer([checker(rng)])[0].labels[0] == "board"
+
+
+def test_teach_says_when_a_new_label_competes_with_a_class_and_forget_undoes_it(tmp_path, capsys):
+    # A user taught "retreat" from clips the embedded model names "idle": the new prototype took over idle's clips,
+    # silently. teach now says so, --list shows what is taught and --forget takes a label back.
+    from hiera_perception.checkpoint import DEFAULT_MODEL, MODELS_DIR
+    from hiera_perception.synth import render_clip
+
+    if not (MODELS_DIR / DEFAULT_MODEL).is_file():
+        pytest.skip("the embedded model is not built yet")
+    data, protos = tmp_path / "data", tmp_path / "taught.json"
+    data.mkdir()
+    ext = dataset.video_format()[0]
+    for i in range(2):
+        dataset.write_video(data / f"r{i}{ext}", render_clip("idle", np.random.default_rng([7, i]), 45, (96, 128)),
+                            fps=15.0)
+    dataset.write_labels_csv(data, [(f"r{i}{ext}", "retreat") for i in range(2)])
+    base = ["teach", "--device", "cpu", "--prototypes", str(protos)]
+    assert cli.main(base + ["--data", str(data), "--clips-per-video", "1"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"note: the model named [12] of 2 of these clips 'idle' \(p >= 0.5\) before: clips of 'idle' "
+                     r"may now be named 'retreat'; check with `eval`, undo with `teach --forget retreat`", err), err
+    assert cli.main(base + ["--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"1 taught labels in {protos}", "  retreat: 2 clips"]
+    assert cli.main(base + ["--forget", "retreat"]) == 0
+    assert "forgot 'retreat'" in capsys.readouterr().out
+    assert json.loads(protos.read_text())["labels"] == {}
+    with pytest.raises(SystemExit, match="no taught label 'retreat' .*taught: none"):
+        cli.main(base + ["--forget", "retreat"])
 
 
 def test_teach_cli_without_a_model_file_needs_a_prototypes_path(tmp_path):
