@@ -10,7 +10,7 @@ growth rate fitted over the run's second half, where warm-up allocations are ove
 peak allocated GPU memory. `--minutes` makes it a long run that shows a leak as a positive slope.
 
     python -m benchmarks engine --model hiera_tiny_synthetic.pt --seconds 20
-    python -m benchmarks engine --model hiera_base_16x224 --device cuda --precision bf16
+    python -m benchmarks engine --model hiera_base_16x224-random --device cuda --precision bf16
     python -m benchmarks engine --minutes 10 --name engine_cpu_fp32_10min   # memory growth over a long run
 """
 

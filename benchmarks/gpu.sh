@@ -64,7 +64,7 @@ step $PY -m benchmarks mae_step --device "$DEVICE" --precision bf16 --configs $B
   --repeats $REPEATS --cuda-graph --out "$RESULTS"
 # engine: 640x480 uint8 frames at 30 fps in, labels out: eager, CUDA graph replay, compiled + replayed;
 # paced at 30 fps (a robot's view: the GPU idles between clips) and saturated (clips back to back)
-ENGINE="$PY -m benchmarks engine --model $BASE --device $DEVICE --precision bf16 --out $RESULTS"
+ENGINE="$PY -m benchmarks engine --model $BASE-random --device $DEVICE --precision bf16 --out $RESULTS"
 step $ENGINE --seconds $SECONDS_ENGINE --no-cuda-graph
 step $ENGINE --seconds $SECONDS_ENGINE --name "engine_${DEVICE%%:*}_bf16_graph"
 step $ENGINE --seconds $SECONDS_ENGINE --no-realtime --name "engine_${DEVICE%%:*}_bf16_graph_saturated"

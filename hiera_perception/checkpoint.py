@@ -59,6 +59,7 @@ def _models_dir() -> Path:
 
 MODELS_DIR = _models_dir()
 DEFAULT_MODEL = "hiera_tiny_synthetic.pt"
+RANDOM_SUFFIX = "-random"  # "<config>-random": random weights of a config, said explicitly
 _ENCODER_PREFIXES = ("patch_embed.", "pos_embed", "blocks.", "norm.", "head.")
 
 
@@ -324,13 +325,15 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
     source: None (the embedded model), a file name in models/, a path to our checkpoint, a path to an
     official `.pth` (arch names its config, e.g. "hiera_base_16x224"), an official table name
     fetched earlier (`hiera-perception fetch-weights NAME`), or a config name (random weights, with a warning;
-    their model_id is "<config>-random" and they carry no label names, so a consumer can tell).
+    their model_id is "<config>-random" and they carry no label names, so a consumer can tell). A config that has
+    official weights needs "<config>-random" for random ones: its bare name before a fetch is an error.
     The model carries `.labels`, `.model_id` and `.version` for the labeler and the message.
     """
     from hiera_perception import weights
 
     dev = resolve_device(device)
-    source = DEFAULT_MODEL if source is None else str(source)
+    # No source is the shipped model, never a file of that name in the working folder.
+    source = str(MODELS_DIR / DEFAULT_MODEL) if source is None else str(source)
     path = Path(source)
     if not path.is_file() and (MODELS_DIR / source).is_file():
         path = MODELS_DIR / source
@@ -360,11 +363,14 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
     elif (cached := weights.resolve(source)) is not None:
         model = load_official(cached, weights.get_entry(source).config)  # an MAE file serves its encoder
         model_id, version = source, 0
-    elif source in CONFIGS:
-        hint = f" (official weights: hiera-perception fetch-weights {source} --accept-license)" if weights.find_entry(source) else ""
-        log.warning("model %s: random weights, no checkpoint%s", source, hint)
-        model = Hiera(get_config(source))
-        model_id, version, trained = f"{source}-random", 0, False  # never the id or labels of trained weights
+    elif (name := source.removesuffix(RANDOM_SUFFIX)) in CONFIGS:
+        if source == name and weights.find_entry(name):  # the user meant the published model, not a random one
+            raise ValueError(f"model {name}: its official weights are not fetched here (hiera-perception "
+                             f"fetch-weights {name} --accept-license); random weights of its config are "
+                             f"{name}{RANDOM_SUFFIX}")
+        log.warning("model %s: random weights, no checkpoint", source)
+        model = Hiera(get_config(name))
+        model_id, version, trained = f"{name}{RANDOM_SUFFIX}", 0, False  # never the id or labels of trained weights
     else:
         raise ValueError(
             f"model source {source!r} is neither a file, a file in {MODELS_DIR}, a fetched official checkpoint "

@@ -79,7 +79,7 @@ _ADAPT = AdaptationConfig()  # the defaults of the adaptation.* parameters that 
 # (_RUNTIME below), so `ros2 param describe` and rqt_reconfigure show them so (adaptation on and off at run
 # time: the ~/adaptation/enable service).
 PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
-    "model": ("", _desc('Checkpoint file, a file name in models/, a fetched official name, or a config name '
+    "model": ("", _desc('Checkpoint file, a file name in models/, a fetched official name, or <config>-random '
                         '(random weights); "" = the embedded default model')),
     "arch": ("", _desc('Config name for an official .pth checkpoint (e.g. hiera_base_16x224); "" = from the file')),
     "device": ("auto", _desc("auto (cuda when available), cpu, cuda or cuda:N")),

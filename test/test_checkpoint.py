@@ -335,10 +335,16 @@ def test_config_name_gives_random_weights_with_a_warning(caplog):
 
 
 def test_random_weights_of_an_official_config_do_not_pass_for_the_model(tmp_path, monkeypatch):
-    # Not fetched: random weights, whose id and labels must not look like the Kinetics-400 model's.
+    # Not fetched, the bare name ran random weights with a warning only (and exit 0): now an error that says how to
+    # fetch them; random weights are asked for by name, with an id and labels unlike the Kinetics-400 model's.
     monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path))
-    model = load_model("hiera_base_16x224", device="cpu")
+    with pytest.raises(ValueError, match="model hiera_base_16x224: its official weights are not fetched here "
+                                         r"\(hiera-perception fetch-weights hiera_base_16x224 --accept-license\); "
+                                         "random weights of its config are hiera_base_16x224-random"):
+        load_model("hiera_base_16x224", device="cpu")
+    model = load_model("hiera_base_16x224-random", device="cpu")
     assert model.config.num_classes == 400 and model.model_id == "hiera_base_16x224-random" and model.labels == []
+    assert load_model(f"{TINY}-random", device="cpu").model_id == f"{TINY}-random"  # no official weights: either
 
 
 def test_unknown_source_lists_the_options(tmp_path, monkeypatch):
@@ -381,6 +387,17 @@ def test_resolve_device(monkeypatch):
         checkpoint.resolve_device("cuda:1")
     with pytest.raises(ValueError, match="device 'foo' is not a device: use auto, cpu, cuda or cuda:N"):
         checkpoint.resolve_device("foo")  # torch raises a RuntimeError the CLI would print as a traceback
+
+
+def test_no_source_is_the_shipped_model_whatever_the_working_folder_holds(tmp_path, monkeypatch):
+    # a file named like the embedded model in the working folder was served (and taught beside) in its place
+    if not (checkpoint.MODELS_DIR / checkpoint.DEFAULT_MODEL).is_file():
+        pytest.skip("the embedded model is not built yet")
+    save_checkpoint(tmp_path / checkpoint.DEFAULT_MODEL, Hiera(get_config(TINY)), model_id="impostor")
+    monkeypatch.chdir(tmp_path)
+    model = load_model(device="cpu")
+    assert model.model_id != "impostor" and Path(model.source_path).parent == checkpoint.MODELS_DIR
+    assert load_model(checkpoint.DEFAULT_MODEL, device="cpu").model_id == "impostor"  # named: the file here
 
 
 def test_an_arch_that_does_not_apply_is_an_error(tmp_path):
