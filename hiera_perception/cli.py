@@ -68,20 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    module = importlib.import_module(COMMANDS[args.command][0])
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (`timeout`, systemd, `docker stop`) unwinds like an error, so that temporary files are removed
         # (a download's, a checkpoint's) and `finally` blocks run; by default it killed the process outright.
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        module = importlib.import_module(COMMANDS[args.command][0])  # torch, for most: Ctrl-C may come meanwhile
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `... | head`: the reader left, nothing went wrong here
         sys.stderr.close()
         return 0
-    except (ValueError, OSError, ImportError) as e:  # bad input, a missing or unreadable file: say it in one line
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
+        # bad input, a missing or unreadable file, a training run that diverged: say it in one line
         if args.verbose:
             raise
         print(f"hiera-perception {args.command}: {e}", file=sys.stderr)

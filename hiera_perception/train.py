@@ -426,13 +426,18 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
     if state is not None and state.get("finished"):
         done = meta["train"].get("steps", 0)
         log.info("%s is a finished run (%s steps); nothing to resume", out, done)
+        if args.steps and args.steps != done:  # a finished schedule does not stretch: its lr has decayed to 0
+            log.warning("--steps %d ignored: a finished run keeps its schedule; to train on, start a new run from "
+                        "it: --init %s --out NEW.pt", args.steps, out)
         return TrainResult(out, done, done, complete=True)
     enc = model.encoder if isinstance(model, HieraMAE) else model
     stride = float(args.frame_stride if args.frame_stride is not None
                    else meta["sampling"].get("frame_stride_s") or DEFAULT_FRAME_STRIDE_S)
     ds, indices, classes = _dataset(args, enc.config, stride, labelled=command == "finetune")
     model, enc, labels = _prepare(model, enc, args, meta, state, classes)
-    model_id = args.model_id or meta["model_id"] or enc.config.name
+    # A new run is a new model: named after its file unless told (with --init's id, a fine-tuned copy of the
+    # embedded model published the same encoder_version and shared its adaptation folder); a resumed run keeps its id.
+    model_id = args.model_id or (meta["model_id"] if state else "") or out.stem
     model.to(procs.device).train()
 
     batches = _EpochBatches(len(indices), args.batch, procs, args.seed)
@@ -489,70 +494,77 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
     ddp: torch.nn.Module | None = None
     frozen: bool | None = None
     t_run = time.monotonic()
-    while step < stop_at:
-        epoch, skip = divmod(step, batches.steps_per_epoch)
-        if command == "finetune" and frozen != (epoch < unfreeze_epoch):
-            frozen = epoch < unfreeze_epoch
-            _set_frozen(enc, frozen)  # a joint run's decoder always trains
-            ddp = None  # DDP registers the parameters that need gradients when it is built
-            if procs.main and epoch > 0 and not frozen:
-                log.info("epoch %d: encoder unfrozen", epoch)
-        if ddp is None:
-            net = _JointLoss(model) if joint else model
-            ddp = torch.nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
-        batches.set_epoch(epoch, skip)
-        loader = torch.utils.data.DataLoader(loader_ds, batch_sampler=batches, num_workers=args.workers,
-                                             pin_memory=procs.device.type == "cuda")
-        epoch_loss, epoch_n, epoch_mae, correct, seen, t0 = 0.0, 0, 0.0, 0, 0, time.monotonic()
-        for clips, y in loader:
-            torch.manual_seed(_seed(args.seed, procs.rank, step))  # dropout, drop-path
-            mask_gen.manual_seed(_seed(args.seed, procs.rank, step, 1))
-            x = clips_to_input(clips, enc.config.mean, enc.config.std, procs.device)
-            if command == "pretrain":
-                loss = ddp(x, mask_ratio=args.mask_ratio, generator=mask_gen).loss
-            else:
-                y = y.to(procs.device)
-                if joint:
-                    logits, mae_loss = ddp(x, args.mask_ratio, mask_gen)
-                    epoch_mae += float(mae_loss.detach())  # this rank's, for the epoch log
+    try:
+        while step < stop_at:
+            epoch, skip = divmod(step, batches.steps_per_epoch)
+            if command == "finetune" and frozen != (epoch < unfreeze_epoch):
+                was, frozen = frozen, epoch < unfreeze_epoch
+                _set_frozen(enc, frozen)  # a joint run's decoder always trains
+                ddp = None  # DDP registers the parameters that need gradients when it is built
+                if procs.main and not frozen and (was or (was is None and 0 < unfreeze_epoch == epoch)):
+                    log.info("epoch %d: encoder unfrozen", epoch)
+            if ddp is None:
+                net = _JointLoss(model) if joint else model
+                ddp = torch.nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
+            batches.set_epoch(epoch, skip)
+            loader = torch.utils.data.DataLoader(loader_ds, batch_sampler=batches, num_workers=args.workers,
+                                                 pin_memory=procs.device.type == "cuda")
+            epoch_loss, epoch_n, epoch_mae, correct, seen, t0 = 0.0, 0, 0.0, 0, 0, time.monotonic()
+            for clips, y in loader:
+                torch.manual_seed(_seed(args.seed, procs.rank, step))  # dropout, drop-path
+                mask_gen.manual_seed(_seed(args.seed, procs.rank, step, 1))
+                x = clips_to_input(clips, enc.config.mean, enc.config.std, procs.device)
+                if command == "pretrain":
+                    loss = ddp(x, mask_ratio=args.mask_ratio, generator=mask_gen).loss
                 else:
-                    logits, mae_loss = ddp(x).logits, 0.0
-                loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing) + args.mae_weight * mae_loss
-                correct += int((logits.argmax(1) == y).sum())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], args.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            value = loss.detach()
-            if procs.world > 1:
-                dist.all_reduce(value)
-                value /= procs.world
-            value = float(value)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{command}: loss is {value} at step {step}; lower --lr")
-            losses.append(value)
-            epoch_loss, epoch_n, seen = epoch_loss + value, epoch_n + 1, seen + len(clips) * procs.world
-            bar.update(1)
-            bar.set_postfix(loss=f"{epoch_loss / epoch_n:.4f}", clips_s=f"{seen / (time.monotonic() - t0):.1f}",
-                            lr=f"{scheduler.get_last_lr()[-1]:.2e}", epoch=epoch)
-            if step >= stop_at:
-                break
-            if args.ckpt_every and step % args.ckpt_every == 0:
-                save(False, value)
-        if epoch_n and procs.main and (step % batches.steps_per_epoch == 0 or step == stop_at):
-            msg = f"{command} epoch {epoch}: step {step}/{total} loss {epoch_loss / epoch_n:.4f}"
-            if command == "finetune":
-                msg += f" train acc {correct / (epoch_n * args.batch):.3f}"  # this rank's share
-                if joint:
-                    msg += f" mae loss {epoch_mae / epoch_n:.4f}"
-                if args.val and (step % batches.steps_per_epoch == 0 or step == total):
-                    msg += f" val acc {_val_accuracy(enc, args.val, stride, labels, procs.device):.3f}"
-            if epoch == 0 and getattr(ds, "cached_bytes", 0):
-                msg += f", frame cache {ds.cached_bytes / 2**30:.2f} GiB"
-            log.info("%s, %.1f clips/s", msg, seen / max(time.monotonic() - t0, 1e-9))
+                    y = y.to(procs.device)
+                    if joint:
+                        logits, mae_loss = ddp(x, args.mask_ratio, mask_gen)
+                        epoch_mae += float(mae_loss.detach())  # this rank's, for the epoch log
+                    else:
+                        logits, mae_loss = ddp(x).logits, 0.0
+                    loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing) + args.mae_weight * mae_loss
+                    correct += int((logits.argmax(1) == y).sum())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], args.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                value = loss.detach()
+                if procs.world > 1:
+                    dist.all_reduce(value)
+                    value /= procs.world
+                value = float(value)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{command}: loss is {value} at step {step}; lower --lr")
+                losses.append(value)
+                epoch_loss, epoch_n, seen = epoch_loss + value, epoch_n + 1, seen + len(clips) * procs.world
+                bar.update(1)
+                bar.set_postfix(loss=f"{epoch_loss / epoch_n:.4f}", clips_s=f"{seen / (time.monotonic() - t0):.1f}",
+                                lr=f"{scheduler.get_last_lr()[-1]:.2e}", epoch=epoch)
+                if step >= stop_at:
+                    break
+                if args.ckpt_every and step % args.ckpt_every == 0:
+                    save(False, value)
+            if epoch_n and procs.main and (step % batches.steps_per_epoch == 0 or step == stop_at):
+                msg = f"{command} epoch {epoch}: step {step}/{total} loss {epoch_loss / epoch_n:.4f}"
+                if command == "finetune":
+                    msg += f" train acc {correct / (epoch_n * args.batch):.3f}"  # this rank's share
+                    if joint:
+                        msg += f" mae loss {epoch_mae / epoch_n:.4f}"
+                    if args.val and (step % batches.steps_per_epoch == 0 or step == total):
+                        msg += f" val acc {_val_accuracy(enc, args.val, stride, labels, procs.device):.3f}"
+                if epoch == 0 and getattr(ds, "cached_bytes", 0):
+                    msg += f", frame cache {ds.cached_bytes / 2**30:.2f} GiB"
+                log.info("%s, %.1f clips/s", msg, seen / max(time.monotonic() - t0, 1e-9))
+    except KeyboardInterrupt:  # Ctrl-C: keep what was trained, resumable, and say so
+        bar.close()
+        if procs.main and step > 0:
+            save(False, losses[-1] if losses else None)
+            log.warning("interrupted at step %d of %d: %s holds it; continue with --resume", step, total, out)
+        raise
     bar.close()
     complete = step >= total
     save(complete, losses[-1] if losses else None)
@@ -593,7 +605,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str | None = None) -
                    ".pth with --arch" + ("" if pre else "; an MAE checkpoint gives its encoder"))
     m.add_argument("--arch", default=None, help="config name of an official .pth given to --init")
     m.add_argument("--out", required=True, help="checkpoint to write (atomically; also every --ckpt-every steps)")
-    m.add_argument("--model-id", default=None, help="model id stored in the checkpoint (default: --init's or the config)")
+    m.add_argument("--model-id", default=None, help="model id stored in the checkpoint, published as its "
+                   "encoder_version (default: the --out file's name)")
     o = parser.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
     o.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")

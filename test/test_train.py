@@ -101,6 +101,8 @@ def test_only_classes_trains_a_curriculum_stage_that_the_next_stage_continues(pr
     assert r2.complete and load_checkpoint(stage2).extra["train"]["clips"] == 16
     head1, head2 = (load_checkpoint(p).model_state["head.projection.weight"] for p in (stage1, stage2))
     assert torch.equal(head1, head2), "the head came along (same labels), not a fresh one"
+    # a new run is a new model: named after its file, not after --init (whose encoder_version it published)
+    assert (load_checkpoint(stage1).model_id, load_checkpoint(stage2).model_id) == ("s1", "s2")
     with pytest.raises(ValueError, match=r"--only-classes \['jump'\] not in"):
         train(make_args("finetune", *common, "--init", str(pretrained[0]), "--out", str(tmp_path / "x.pt"),
                         "--only-classes", "swipe_left,jump"))
@@ -217,6 +219,29 @@ def test_resume_continues_exactly(command, pretrained, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = train(make_args(command, *common, "--out", str(part), "--resume"))  # a finished run: nothing to do
     assert again.complete and again.losses == []
+
+
+def test_ctrl_c_keeps_a_resumable_checkpoint(pretrained, data, tmp_path, monkeypatch):
+    # Ctrl-C used to lose every step since the last --ckpt-every checkpoint, and say nothing
+    from hiera_perception import train as train_module
+
+    real, calls = train_module.clips_to_input, []
+
+    def interrupted_at_the_fourth_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "ft.pt"
+    common = ["--data", str(data), "--init", str(pretrained[0]), "--steps", "6", "--batch", "4", "--seed", "2"]
+    monkeypatch.setattr(train_module, "clips_to_input", interrupted_at_the_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_args("finetune", *common, "--out", str(out)))
+    assert load_checkpoint(out).extra["train_state"]["step"] == 3
+    monkeypatch.setattr(train_module, "clips_to_input", real)
+    rest = train(make_args("finetune", *common, "--out", str(out), "--resume"))
+    assert rest.complete and rest.step == 6 and len(rest.losses) == 3
 
 
 def test_cache_frames_trains_the_same_weights(pretrained, data, tmp_path):
