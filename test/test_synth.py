@@ -2,6 +2,7 @@
 
 import csv
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -248,9 +249,10 @@ def test_an_interrupted_rerun_leaves_no_labels_naming_a_mix_of_runs(tmp_path, mo
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(dataset, "write_video", dies_on_the_second)
-    assert cli.main([*common, "--seed", "2"]) == 130  # Ctrl-C
-    # clip 0 is the new run's, 1 and 2 the old one's: no labels.csv may vouch for that folder
+    assert cli.main([*common, "--seed", "2", "--force"]) == 130  # Ctrl-C
+    # the old set is gone and the new one unfinished: no labels.csv may vouch for that folder
     assert written and not (out / "labels.csv").exists()
+    assert sorted(p.name for p in out.iterdir()) == [Path(written[0]).name]
 
 
 def test_cli_unlabeled_and_shifted_reproduces_the_clip(tmp_path):
@@ -272,6 +274,20 @@ def test_cli_unlabeled_and_shifted_reproduces_the_clip(tmp_path):
 def test_cli_rejects_a_bad_size(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["synth", "--out", str(tmp_path), "--clips", "1", "--size", "4x4"])
+
+
+def test_an_existing_data_set_is_replaced_only_with_force(tmp_path, capsys):
+    # a second synth into the same folder rewrote labels.csv for its own clips and left the first run's others
+    out = tmp_path / "set"
+    base = ["synth", "--out", str(out), "--seconds", "0.2", "--fps", "10", "--size", "32", "--no-progress"]
+    assert cli.main(base + ["--clips", "3"]) == 0
+    first = sorted(p.name for p in out.iterdir())
+    assert cli.main(base + ["--clips", "1"]) == 1
+    assert "already holds a data set (labels.csv, 3 clips): --force replaces it" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == first
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(base + ["--clips", "1", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(["labels.csv", "notes.txt", first[0]])
 
 
 def test_infinite_rates_and_durations_are_refused(tmp_path, capsys):

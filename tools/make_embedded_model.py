@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,9 +155,12 @@ def build(recipe: dict, work: Path, install: bool) -> dict:
     record = {"recipe": recipe, "machine": machine(), "stages": [], "work": "$WORK"}
     t_all = time.monotonic()
     env = _env()
-    for _, argv in stages(recipe, work):  # a rebuild starts afresh: training refuses to overwrite an existing --out
-        if argv[0] in ("pretrain", "finetune"):
-            Path(argv[argv.index("--out") + 1]).unlink(missing_ok=True)
+    for _, argv in stages(recipe, work):  # a rebuild starts afresh: synth and training refuse an existing --out
+        out = Path(argv[argv.index("--out") + 1])
+        if argv[0] == "synth":
+            shutil.rmtree(out, ignore_errors=True)
+        elif argv[0] in ("pretrain", "finetune"):
+            out.unlink(missing_ok=True)
     for name, argv in stages(recipe, work):
         print(f"[{name}] {shown(argv, work)}", flush=True)
         t0 = time.monotonic()
