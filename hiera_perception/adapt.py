@@ -57,6 +57,9 @@ _HELP = {
                     "MAE loss (0: MAE alone)",
     "align_momentum": "running average of the camera's embedding statistics over its batches (kept across rounds)",
     "decoder_warmup_rounds": "rounds training a fresh decoder alone (models without decoder weights)",
+    "stage_weight": "weight of each encoder stage's token mean/variance alignment with the training clips' (0: off)",
+    "threads": "CPU threads of the adaptation steps (0: torch's default)",
+    "blend": "what is written is original + blend x (adapted - original) (weight-space ensembling; 1: adapted)",
 }
 
 
@@ -239,7 +242,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips-per-round", type=int, default=None,
                    help="new clips streamed into the replay before each round (default: --batch-size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks, the probe set and the replay order "
+                   "(the run is a function of it; default 0)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_config_arguments(p)
 

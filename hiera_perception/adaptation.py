@@ -667,6 +667,7 @@ class Adapter:
             new_version = self.version
             # a rejected round's batches leave no trace
             running = self._running, self._running_class, self._running_stages
+            stopped = False
             try:
                 if self._deployed_scores is None:
                     self._deployed_scores = self._probe_scores(wait)
@@ -709,8 +710,9 @@ class Adapter:
                     served = self._blend(self.mae.state_dict())
                     self._save_version(new_version, served, parents)
                     res.accepted = True
-            except InterruptedError as e:
+            except InterruptedError as e:  # the node is shutting down: not a rejection, nothing to report on
                 res.reason = str(e)
+                stopped = True
             except Exception as e:  # NaN, OOM, a bug in a step, a full disk: the round fails, serving never does
                 res.reason = f"{type(e).__name__}: {e}"
                 log.warning("adaptation round failed: %s", res.reason)
@@ -726,12 +728,16 @@ class Adapter:
                 if self.on_accept is not None:
                     self.on_accept(self.encoder_state(), self.version)
             elif not res.reason.startswith("decoder warm-up"):
-                self.rejected += 1
+                self.rejected += not stopped
                 self.mae.load_state_dict(self._deployed)  # the shadow returns to what serves
                 self._make_optimizer()  # moments of a rejected trajectory would push back toward it
                 self._running, self._running_class, self._running_stages = running
             res.seconds = time.monotonic() - t0
             self.last = res
+            if stopped:
+                log.info("adaptation round %d: stopped after %d steps (%.1fs); v%d serves, nothing was kept",
+                         self.rounds, res.steps, res.seconds, self.version)
+                return res
             log.info("adaptation round %d: %s (v%d, %d steps, train loss %.4f, probe %.4f -> %.4f, cos %.4f, %.1fs)",
                      self.rounds, res.reason, self.version, res.steps, res.train_loss, res.probe_loss_before,
                      res.probe_loss_after, res.probe_cosine, res.seconds)

@@ -40,6 +40,7 @@ from std_msgs.msg import String
 
 from hiera_perception.ros_params import declare_all, describe, on_parameters, spin_node
 from hiera_perception.synth import SEGMENT_S, SyntheticCamera
+from hiera_perception.video import check_video_file
 
 __all__ = ["CameraPublisher", "CameraConfig", "format_true_action", "parse_true_action", "node_main",
            "add_arguments", "main"]
@@ -412,6 +413,8 @@ def parameters_from_args(args: argparse.Namespace) -> list[Parameter]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.video is not None:  # said as `run` says it, before any ROS start
+        check_video_file(args.video)
     params = parameters_from_args(args)
     try:
         validate_topic_name(args.topic)

@@ -29,6 +29,7 @@ import argparse
 import importlib.util
 import json
 import contextlib
+import difflib
 import logging
 import os
 import random
@@ -343,8 +344,10 @@ def main(args: argparse.Namespace) -> int:
         log.error("the demo needs ROS 2 Python packages that do not import here: %s (`make venv` installs them; "
                   "on a ROS 2 install, source it and build hiera_perception_msgs)", ", ".join(missing))
         return 1
-    if args.video is not None and not Path(args.video).is_file():
-        raise FileNotFoundError(f"--video: no such file {args.video}")
+    if args.video is not None:
+        from hiera_perception.video import check_video_file
+
+        check_video_file(args.video)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(60, 90)))
     log.info("ROS_DOMAIN_ID=%s, discovery %s (watch: ROS_DOMAIN_ID=%s ros2 topic echo /action_features)",
@@ -363,15 +366,14 @@ def main(args: argparse.Namespace) -> int:
         parts = name.strip().split(".")  # adaptation.enabled -> {adaptation: {enabled: ...}} in the YAML
         if not sep or not all(parts):
             raise ValueError(f"--param takes NAME=VALUE (NAME may be dotted, e.g. adaptation.enabled), got {item!r}")
+        _check_node_parameter(name.strip())
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ValueError(f"--param {item!r}: the value is not YAML ({' '.join(str(e).split())})") from None
         target = node
-        for g in parts[:-1]:
+        for g in parts[:-1]:  # the names are the node's own: a group is never also a value
             target = target.setdefault(g, {})
-            if not isinstance(target, dict):
-                raise ValueError(f"--param {item!r}: {g} was given a value of its own by an earlier --param")
         target[parts[-1]] = parsed
 
     stats = DemoStats()
@@ -396,6 +398,16 @@ def main(args: argparse.Namespace) -> int:
             if stats.received_s or stats.scored:
                 s = stats.summary()
                 print(json.dumps({"summary": s}) if args.json else format_summary(s), flush=True)
+
+
+def _check_node_parameter(name: str) -> None:
+    """A misspelt name would reach the node's params file and be ignored there, silently, as ROS does."""
+    from hiera_perception.node_config import PARAMETERS  # torch: only when --param is used
+
+    if name not in PARAMETERS and not name.startswith("qos_overrides."):
+        close = difflib.get_close_matches(name, PARAMETERS, n=3)
+        raise ValueError(f"--param {name}: not a parameter of the perception node"
+                         + (f" (did you mean {', '.join(close)}?)" if close else " (see config/perception.yaml)"))
 
 
 @contextlib.contextmanager

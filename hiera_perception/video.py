@@ -8,14 +8,20 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-__all__ = ["iter_frames", "video_fps"]
+__all__ = ["check_video_file", "iter_frames", "video_fps"]
+
+
+def check_video_file(path: str | Path) -> Path:
+    """`path` if it names a file; else FileNotFoundError saying what is there instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}" + (" (that is a folder)" if path.is_dir() else ""))
+    return path
 
 
 def _open(path: str | Path) -> tuple[cv2.VideoCapture, float]:
     """(an open capture, the frame rate: 30 when the file does not say); clear errors for a bad or missing file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
+    path = check_video_file(path)
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise ValueError(f"OpenCV cannot open video {path} (unknown format or corrupt file)")

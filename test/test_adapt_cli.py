@@ -4,6 +4,7 @@ loadable checkpoint that keeps its decoder, clip timing, labels and taught label
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -154,6 +155,15 @@ def test_adapt_from_a_bag(tmp_path, capsys):
     out = tmp_path / "adapted.pt"
     rc, summary = run(["--model", str(src), "--bag", str(tmp_path / "bag"), "--out", str(out), *FAST], capsys)
     assert rc == 0 and summary["accepted"] == 2 and load_model(out, device="cpu").version == 2
+
+
+def test_every_adaptation_flag_says_what_it_does():
+    # --stage-weight, --blend and --threads said only their own names
+    parser = argparse.ArgumentParser()
+    adapt.add_arguments(parser)
+    flags = [a for a in parser._actions if a.dest in {f.name for f in dataclasses.fields(adapt.AdaptationConfig)}]
+    assert len(flags) >= 15 and all(not a.help.startswith(f"{a.dest} (default") for a in flags), \
+        [a.dest for a in flags if a.help.startswith(f"{a.dest} (default")]
 
 
 def test_bad_arguments_are_named(data, tmp_path):

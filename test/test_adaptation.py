@@ -614,6 +614,7 @@ def test_stop_while_busy_ends_the_round(tmp_path):
     adapter.stop()
     assert not thread.is_alive()
     assert counts["all"] == 0 and adapter.version == 0 and adapter.last.reason == "adapter stopping"
+    assert adapter.rejected == 0, "a round cut short by the shutdown is not a rejection"
     assert not (tmp_path / "v").exists()
 
 

@@ -156,6 +156,15 @@ def test_a_looping_video_that_becomes_unreadable_is_a_failed_read_not_a_crash(vi
     source.close()
 
 
+def test_publish_names_a_missing_video_as_run_does(tmp_path, capsys):
+    from hiera_perception import cli
+
+    assert cli.main(["publish", "--video", str(tmp_path / "none.mp4")]) == 1
+    assert capsys.readouterr().err.strip() == f"hiera-perception publish: video file not found: {tmp_path / 'none.mp4'}"
+    assert cli.main(["publish", "--video", str(tmp_path)]) == 1
+    assert "(that is a folder)" in capsys.readouterr().err
+
+
 def test_bad_ros_arguments_and_topics_are_one_fatal_line(video):
     # rclpy.init refused them with an RCLError traceback (a bad -p, a missing params file, a bad remap or topic)
     import subprocess
