@@ -382,6 +382,7 @@ def main(args: argparse.Namespace) -> int:
         workdir = Path(tmp)
         if not node["model"]:
             node["model"] = _embedded_or_untrained(workdir)
+        _say_taught_labels(node["model"])
         children: dict[str, subprocess.Popen] = {}
         try:
             # Children first, before rclpy starts threads here: the node (slow to import torch), then the camera.
@@ -398,6 +399,21 @@ def main(args: argparse.Namespace) -> int:
             if stats.received_s or stats.scored:
                 s = stats.summary()
                 print(json.dumps({"summary": s}) if args.json else format_summary(s), flush=True)
+
+
+def _say_taught_labels(model: str) -> None:
+    """Labels taught beside the model change what it names (a label taught from idle-looking clips takes idle's):
+    the demo says they are in play, and how to take one back."""
+    from hiera_perception.labeler import prototypes_path
+
+    path = prototypes_path(model)
+    try:
+        names = list(json.loads(path.read_text())["labels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none, or unreadable: the node reports that itself
+    if names:
+        log.warning("the model also serves %d taught label(s): %s (from %s; `hiera-perception teach --forget NAME` "
+                    "removes one)", len(names), ", ".join(names), path)
 
 
 def _check_node_parameter(name: str) -> None:

@@ -171,3 +171,18 @@ def test_sigterm_stops_the_demo_like_ctrl_c(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert out.splitlines()[-1].startswith("summary: "), out[-2000:]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("hiera_demo_")], "its folder was removed"
+
+
+def test_the_demo_says_which_taught_labels_the_model_serves(tmp_path, caplog, request):
+    import json
+
+    from hiera_perception import demo
+
+    demo.log.addHandler(caplog.handler)  # launch_testing's logger class does not propagate to caplog's root
+    request.addfinalizer(lambda: demo.log.removeHandler(caplog.handler))
+    model = tmp_path / "robot.pt"
+    demo._say_taught_labels(str(model))
+    assert "taught" not in caplog.text
+    (tmp_path / "robot.pt.prototypes.json").write_text(json.dumps({"dim": 4, "labels": {"retreat": {}, "clap": {}}}))
+    demo._say_taught_labels(str(model))
+    assert "the model also serves 2 taught label(s): retreat, clap" in caplog.text and "teach --forget" in caplog.text
