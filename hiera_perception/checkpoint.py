@@ -325,8 +325,8 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
     source: None (the embedded model), a file name in models/, a path to our checkpoint, a path to an
     official `.pth` (arch names its config, e.g. "hiera_base_16x224"), an official table name
     fetched earlier (`hiera-perception fetch-weights NAME`), or a config name (random weights, with a warning;
-    their model_id is "<config>-random" and they carry no label names, so a consumer can tell). A config that has
-    official weights needs "<config>-random" for random ones: its bare name before a fetch is an error.
+    their model_id is "<config>-random" and they carry no label names, so a consumer can tell); "<config>-random"
+    says so explicitly.
     The model carries `.labels`, `.model_id` and `.version` for the labeler and the message.
     """
     from hiera_perception import weights
@@ -364,11 +364,12 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
         model = load_official(cached, weights.get_entry(source).config)  # an MAE file serves its encoder
         model_id, version = source, 0
     elif (name := source.removesuffix(RANDOM_SUFFIX)) in CONFIGS:
-        if source == name and weights.find_entry(name):  # the user meant the published model, not a random one
-            raise ValueError(f"model {name}: its official weights are not fetched here (hiera-perception "
-                             f"fetch-weights {name} --accept-license); random weights of its config are "
-                             f"{name}{RANDOM_SUFFIX}")
-        log.warning("model %s: random weights, no checkpoint", source)
+        if source == name and weights.find_entry(name):  # likely meant the published model: say it loudly
+            log.warning("model %s: RANDOM weights, its labels mean nothing: the official weights are not fetched "
+                        "here (hiera-perception fetch-weights %s --accept-license); say %s%s to mean random weights",
+                        name, name, name, RANDOM_SUFFIX)
+        else:
+            log.warning("model %s: random weights, no checkpoint", source)
         model = Hiera(get_config(name))
         model_id, version, trained = f"{name}{RANDOM_SUFFIX}", 0, False  # never the id or labels of trained weights
     else:
