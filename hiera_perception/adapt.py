@@ -237,7 +237,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topic", default=None, help="image topic in --bag (default: its only image topic)")
     p.add_argument("--model", default=None, help="model to adapt (default: the embedded one)")
     p.add_argument("--out", required=True, help="adapted checkpoint to write (a PNG goes beside it)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (refused without it)")
     p.add_argument("--rounds", type=int, default=10, help="adaptation rounds (default 10)")
     p.add_argument("--clips-per-round", type=int, default=None,
                    help="new clips streamed into the replay before each round (default: --batch-size)")
@@ -271,8 +270,8 @@ def config_from(args: argparse.Namespace, **fixed) -> AdaptationConfig:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        if Path(args.out).exists() and not args.force:
-            raise ValueError(f"--out {args.out} exists: --force replaces it")
+        if Path(args.out).exists():
+            log.warning("--out %s exists and is replaced when the run ends", args.out)
         check_writable(args.out)  # now, not after the rounds
         config = config_from(args, seed=args.seed)
         s = adapt_offline(args.model, args.out, data=args.data, bag=args.bag, topic=args.topic, config=config,

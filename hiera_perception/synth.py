@@ -572,14 +572,12 @@ def write_dataset(
     size: tuple[int, int] = (128, 128),
     unlabeled: bool = False,
     progress: bool = True,
-    force: bool = False,
 ) -> Path:
     """Write a data folder: `clips` videos (classes balanced, clip i is ACTIONS[i % 8]) and labels.csv.
 
     Clip i is rendered from `np.random.default_rng([seed, i])`. labels.csv is written last and
-    atomically, so a reader never sees it name a missing video. A folder that already holds a data set
-    (labels.csv or clip_* videos) is refused unless `force`, which removes them first. Returns the path of
-    labels.csv.
+    atomically, so a reader never sees it name a missing video. A data set already in the folder (labels.csv,
+    clip_* videos) is replaced: removed first, so none of its clips outlives it. Returns the path of labels.csv.
     """
     from tqdm import tqdm
 
@@ -597,9 +595,8 @@ def write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     old = [p for p in out.glob("clip_[0-9][0-9][0-9][0-9][0-9][0-9].*") if p.is_file()]
     if (out / "labels.csv").exists() or old:
-        if not force:
-            raise ValueError(f"{out} already holds a data set (labels.csv, {len(old)} clips): --force replaces it")
         # the old labels.csv must not outlive its videos, nor old videos a smaller new set
+        log.warning("replacing the data set in %s (%d clips)", out, len(old))
         for p in [out / "labels.csv", *old]:
             p.unlink(missing_ok=True)
     ext, fourcc = video_format()
@@ -642,12 +639,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_parse_size, default=(128, 128), help="N or WxH, e.g. 160x120 (default 128)")
     parser.add_argument("--unlabeled", action="store_true", help="leave the label column empty")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--force", action="store_true", help="replace a data set already in --out (else refused)")
 
 
 def main(args: argparse.Namespace) -> int:
     write_dataset(
         args.out, args.clips, args.seed, shift=args.shift, seconds=args.seconds, fps=args.fps, size=args.size,
-        unlabeled=args.unlabeled, progress=not args.no_progress, force=args.force,
+        unlabeled=args.unlabeled, progress=not args.no_progress,
     )  # fmt: skip
     return 0

@@ -641,8 +641,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str | None = None) -
     r.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: each rank its LOCAL_RANK GPU)")
     r.add_argument("--ckpt-every", type=int, default=500, help="write a resumable checkpoint every N steps (0 = off)")
     r.add_argument("--resume", action="store_true", help="continue the run saved in --out (starts afresh if absent)")
-    r.add_argument("--force", action="store_true", help="replace an existing --out (without it, or --resume, an "
-                   "existing --out is refused: a re-run would overwrite a finished model)")
     r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop after this step with a resumable checkpoint (time-sliced training)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (epoch summaries are still logged)")
@@ -674,8 +672,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--cache-frames caches in the training process: it needs --data and --workers 0")
     if args.config and args.init:
         raise ValueError("give --config (fresh weights) or --init (a checkpoint), not both")
-    if Path(args.out).exists() and not (args.resume or getattr(args, "force", False)):
-        raise ValueError(f"--out {args.out} exists: --resume continues that run, --force replaces it")
+    if Path(args.out).exists() and not args.resume:  # a re-run meant to continue would train over it
+        log.warning("--out %s exists and is replaced at this run's first checkpoint (--resume continues it "
+                    "instead)", args.out)
     check_writable(args.out)  # now, not at the first checkpoint
     for name in ("bag", "topic", "label_smoothing", "val", "only_classes"):
         if not hasattr(args, name):

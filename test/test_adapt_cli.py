@@ -180,8 +180,3 @@ def test_bad_arguments_are_named(data, tmp_path):
     args = parser.parse_args(["--model", str(src), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.pt")])
     with pytest.raises(SystemExit, match="adapt: no labels.csv"):
         adapt.main(args)
-    (tmp_path / "o.pt").write_bytes(b"an earlier result")
-    args = parser.parse_args(["--model", str(src), "--data", str(data), "--out", str(tmp_path / "o.pt")])
-    with pytest.raises(SystemExit, match="adapt: --out .*o.pt exists: --force replaces it"):
-        adapt.main(args)
-    assert (tmp_path / "o.pt").read_bytes() == b"an earlier result"

@@ -249,7 +249,7 @@ def test_an_interrupted_rerun_leaves_no_labels_naming_a_mix_of_runs(tmp_path, mo
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(dataset, "write_video", dies_on_the_second)
-    assert cli.main([*common, "--seed", "2", "--force"]) == 130  # Ctrl-C
+    assert cli.main([*common, "--seed", "2"]) == 130  # Ctrl-C
     # the old set is gone and the new one unfinished: no labels.csv may vouch for that folder
     assert written and not (out / "labels.csv").exists()
     assert sorted(p.name for p in out.iterdir()) == [Path(written[0]).name]
@@ -276,17 +276,15 @@ def test_cli_rejects_a_bad_size(tmp_path):
         cli.main(["synth", "--out", str(tmp_path), "--clips", "1", "--size", "4x4"])
 
 
-def test_an_existing_data_set_is_replaced_only_with_force(tmp_path, capsys):
-    # a second synth into the same folder rewrote labels.csv for its own clips and left the first run's others
+def test_an_existing_data_set_is_replaced_whole(tmp_path):
+    # a second, smaller synth into the same folder rewrote labels.csv for its own clips and left the first run's
+    # others beside it; the set is replaced whole (a loop over seeds or shifts into one folder must keep working)
     out = tmp_path / "set"
     base = ["synth", "--out", str(out), "--seconds", "0.2", "--fps", "10", "--size", "32", "--no-progress"]
     assert cli.main(base + ["--clips", "3"]) == 0
     first = sorted(p.name for p in out.iterdir())
-    assert cli.main(base + ["--clips", "1"]) == 1
-    assert "already holds a data set (labels.csv, 3 clips): --force replaces it" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == first
     (out / "notes.txt").write_text("mine")
-    assert cli.main(base + ["--clips", "1", "--force"]) == 0
+    assert cli.main(base + ["--clips", "1", "--seed", "2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(["labels.csv", "notes.txt", first[0]])
 
 

@@ -303,12 +303,6 @@ def test_bad_options_are_named(data, tmp_path):
         with pytest.raises(ValueError, match=error):
             make_args("finetune", *base, option)
     make_args("finetune", *base, "--clip-grad", "0", "--weight-decay", "0")  # 0: no clipping, no decay
-    done = tmp_path / "done.pt"  # a re-run of a finished run's command must not train over its model
-    done.write_bytes(b"a model")
-    with pytest.raises(ValueError, match=f"--out {done} exists: --resume continues that run, --force replaces it"):
-        make_args("finetune", "--data", str(data), "--out", str(done))
-    make_args("finetune", "--data", str(data), "--out", str(done), "--resume")
-    make_args("finetune", "--data", str(data), "--out", str(done), "--force")
     with pytest.raises(ValueError, match="--mae-weight must be >= 0"):
         make_args("finetune", "--data", str(data), "--out", "x", "--mae-weight", "-1")
     with pytest.raises(ValueError, match="cannot go with --freeze-encoder"):
@@ -318,3 +312,19 @@ def test_bad_options_are_named(data, tmp_path):
     with pytest.raises(ValueError, match="--cache-frames .* needs --data"):
         make_args("pretrain", "--bag", "b", "--topic", "/t", "--out", "x", "--config", "hiera_tiny_8x64",
                   "--cache-frames")
+
+
+def test_an_existing_out_is_named_before_it_is_replaced(data, tmp_path, caplog, request):
+    # re-running a finished run's command (or forgetting --resume) trains over the model on disk: said at the start
+    from hiera_perception import train as train_module
+
+    train_module.log.addHandler(caplog.handler)  # launch_testing's logger class does not propagate to caplog's root
+    request.addfinalizer(lambda: train_module.log.removeHandler(caplog.handler))
+    done = tmp_path / "done.pt"
+    make_args("finetune", "--data", str(data), "--out", str(done))
+    assert "exists" not in caplog.text
+    done.write_bytes(b"a model")
+    make_args("finetune", "--data", str(data), "--out", str(done), "--resume")
+    assert "exists" not in caplog.text
+    make_args("finetune", "--data", str(data), "--out", str(done))
+    assert f"--out {done} exists and is replaced at this run's first checkpoint (--resume continues it" in caplog.text
