@@ -420,7 +420,9 @@ def _check_node_parameter(name: str) -> None:
     """A misspelt name would reach the node's params file and be ignored there, silently, as ROS does."""
     from hiera_perception.node_config import PARAMETERS  # torch: only when --param is used
 
-    if name not in PARAMETERS and not name.startswith("qos_overrides."):
+    # besides its own: what rclpy declares on every node
+    if name not in PARAMETERS and name not in ("use_sim_time", "start_type_description_service") \
+            and not name.startswith("qos_overrides."):
         close = difflib.get_close_matches(name, PARAMETERS, n=3)
         raise ValueError(f"--param {name}: not a parameter of the perception node"
                          + (f" (did you mean {', '.join(close)}?)" if close else " (see config/perception.yaml)"))

@@ -140,6 +140,8 @@ def test_bad_options_are_one_line_errors(monkeypatch):
     for argv, message in cases:
         with pytest.raises(ValueError, match=message):
             demo.main(p.parse_args(argv))
+    for name in ("top_k", "adaptation.enabled", "use_sim_time", "qos_overrides./action_features.publisher.depth"):
+        demo._check_node_parameter(name)  # the node's own, and what rclpy declares on every node
 
 
 def test_sigterm_stops_the_demo_like_ctrl_c(tmp_path):
