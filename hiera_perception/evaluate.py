@@ -188,6 +188,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-stride", type=float, default=None, help="seconds between a clip's frames "
                    "(default: what the model was trained with)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--prototypes", default=None, help="taught-labels file, as given to teach (default: where teach "
+                   "keeps them for the model)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
@@ -204,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
         if path:
             check_writable(path)
     model = load_model(args.model, arch=args.arch, device=args.device)
-    engine = Engine(model, args.device, args.precision, top_k=1)
+    engine = Engine(model, args.device, args.precision, top_k=1, prototypes_file=args.prototypes)
     report = evaluate(engine, args.data, args.batch, args.frame_stride, args.clips_per_video,
                       progress=not args.no_progress)
     report["model"] = str(args.model) if args.model else "(embedded)"

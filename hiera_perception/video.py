@@ -76,6 +76,8 @@ def add_arguments(p) -> None:
                    "(default: what the model was trained with)")
     p.add_argument("--hop", type=float, default=None, help="seconds between clip starts (default: half a clip)")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--prototypes", default=None, help="taught-labels file, as given to teach (default: where teach "
+                   "keeps them for the model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--batch", type=int, default=4, help="clips per forward pass")
@@ -97,7 +99,8 @@ def main(args) -> int:
     for flag, value in (("--frame-stride", args.frame_stride), ("--hop", args.hop)):
         if value is not None and not value > 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
-    engine = Engine(load_model(args.model, arch=args.arch, device=args.device), args.device, args.precision, args.top_k)
+    engine = Engine(load_model(args.model, arch=args.arch, device=args.device), args.device, args.precision, args.top_k,
+                    prototypes_file=args.prototypes)
     stride = args.frame_stride or engine.frame_stride_s
     hop = args.hop or max(stride, stride * engine.num_frames / 2)
     cap, fps = _open(args.video)

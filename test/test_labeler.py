@@ -333,3 +333,23 @@ def test_teach_cli_without_a_model_file_needs_a_prototypes_path(tmp_path):
     with pytest.raises(SystemExit, match="no labelled clips of 'nothing'"):
         cli.main(["teach", "--model", TINY, "--data", str(data), "--device", "cpu", "--prototypes", str(out),
                   "--label", "nothing"])
+
+
+def test_run_and_eval_read_the_labels_taught_into_a_file_of_ones_own(tmp_path, capsys):
+    # teach --prototypes FILE wrote a file that neither run nor eval could be pointed at
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = _data_folder(data, np.random.default_rng(5))
+    out = tmp_path / "mine.json"
+    model = save_checkpoint(tmp_path / "robot.pt", random_model(), model_id="robot",  # headless: taught labels only
+                            extra={"sampling": {"frame_stride_s": 1 / 8}})
+    base = ["--model", str(model), "--device", "cpu", "--prototypes", str(out)]
+    assert cli.main(["teach", *base, "--data", str(data), "--clips-per-video", "1"]) == 0
+    assert not prototypes_path(model).exists() and out.is_file()
+    capsys.readouterr()
+    assert cli.main(["eval", *base, "--data", str(data), "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0  # two actions any encoder tells apart
+    board = next(name for name, label in rows if label == "board")
+    assert cli.main(["run", *base, "--video", str(data / board), "--json", "--frame-stride", "0.125"]) == 0
+    clips = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert clips and all(c["labels"][0] == "board" for c in clips)
