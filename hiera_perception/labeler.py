@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 from collections import Counter
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 
 from hiera_perception.atomic import atomic_write_text
 
-__all__ = ["Labeler", "Prototypes", "prototypes_path", "default_prototypes_file", "state_dir"]
+__all__ = ["Labeler", "Prototypes", "prototypes_path", "default_prototypes_file", "rival", "state_dir"]
 
 log = logging.getLogger(__name__)
 COSINE_TEMPERATURE = 10.0
@@ -127,6 +128,20 @@ class Prototypes:
                     m = np.stack([self._sums[n] for n in self._sums])
                     self._matrix = torch.from_numpy(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).float()
             return self._matrix
+
+
+def rival(label: str, tops: Sequence[tuple[str, float]], classes: Sequence[str]) -> str | None:
+    """A note when the model, before learning `label`, confidently named most of its example clips as another class:
+    the new prototype sits on that class and will take its clips too. `tops`: each example's (top name, its
+    probability); `classes`: every name the model could give. None when there is nothing to say."""
+    seen = Counter(name for name, p in tops if p >= 0.5)
+    if not seen or len([c for c in classes if c != label]) < 3:  # p >= 0.5 is a clear call among 3+ classes only
+        return None
+    named, n = seen.most_common(1)[0]
+    if named == label or n < len(tops) / 2:
+        return None
+    return (f"the model named {n} of {len(tops)} of these clips {named!r} (p >= 0.5) before: clips of {named!r} may "
+            f"now be named {label!r}")
 
 
 class Labeler:
@@ -233,15 +248,11 @@ def main(args) -> int:
         if not by_label:
             raise SystemExit(f"no labelled clips{f' of {args.label!r}' if args.label else ''} in {args.data}")
     for label, clips in by_label.items():
-        # what the model makes of these clips before: a confident existing class is one the new label will compete with
-        seen = Counter(r.labels[0] for b in range(0, len(clips), 8) for r in engine.infer(clips[b : b + 8])
-                       if r.labels and r.scores[0] >= 0.5)
+        tops = [(r.labels[0], r.scores[0]) for b in range(0, len(clips), 8) for r in engine.infer(clips[b : b + 8])
+                if r.labels]
+        note = rival(label, tops, engine.labeler.classes)
         count = engine.teach(label, clips)
         print(f"taught {label!r}: {len(clips)} clips ({count} in all) -> {protos.path}")
-        named, n = seen.most_common(1)[0] if seen else (label, 0)
-        others = len([c for c in engine.labeler.classes if c != label])
-        if named != label and n >= len(clips) / 2 and others >= 3:  # p >= 0.5 among 3+ classes: a clear call
-            # The new prototype sits where the model puts `named`: that class's clips can now go to `label`.
-            print(f"note: the model named {n} of {len(clips)} of these clips {named!r} (p >= 0.5) before: clips of {named!r} may "
-                  f"now be named {label!r}; check with `eval`, undo with `teach --forget {label}`", file=sys.stderr)
+        if note:
+            print(f"note: {note}; check with `eval`, undo with `teach --forget {label}`", file=sys.stderr)
     return 0

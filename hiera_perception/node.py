@@ -303,7 +303,7 @@ class PerceptionNode(Node):
             if batch and not self._serve(batch, job, live):
                 return
             if job is not None and job.due(time.monotonic()):
-                job.finish(self._engine.teach, str(self._prototypes_file))
+                job.finish(self._engine.teach, str(self._prototypes_file), self._engine.labeler.classes)
                 with self._cond:
                     if self._teach_job is job:
                         self._teach_job = None
@@ -332,7 +332,8 @@ class PerceptionNode(Node):
                 return False
         clips = [clip.frames for clip in batch]
         if job is not None:
-            job.record(clips, time.monotonic())
+            tops = [(r.labels[0], r.scores[0]) if r.labels else ("", 0.0) for r in results]
+            job.record(clips, time.monotonic(), tops)
         if live is not None:
             try:
                 live.add_clips(clips)

@@ -29,7 +29,7 @@ import torch
 from hiera_perception.adapt import decoder_state_of
 from hiera_perception.adaptation import AdaptationConfig, Adapter, mismatch
 from hiera_perception.checkpoint import load_checkpoint, load_model
-from hiera_perception.labeler import default_prototypes_file, safe_name, state_dir
+from hiera_perception.labeler import default_prototypes_file, rival, safe_name, state_dir
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
 from hiera_perception.reconstruction import reconstruction_panel
@@ -178,6 +178,7 @@ class TeachJob:
     until: float
     max_clips: int = 1024
     clips: list = field(default_factory=list)
+    tops: list = field(default_factory=list)  # (top name, probability) each recorded clip was served with
     done: threading.Event = field(default_factory=threading.Event)
     success: bool = False
     clips_learned: int = 0
@@ -192,27 +193,36 @@ class TeachJob:
             raise ValueError(f"seconds must be in (0, {max_seconds:g}], got {seconds:g}")
         return cls(label, time.monotonic() + seconds)
 
-    def record(self, clips: Sequence[Sequence[np.ndarray]], now: float) -> None:
-        """Worker: clips just served (their frames are never written to again: references suffice)."""
+    def record(self, clips: Sequence[Sequence[np.ndarray]], now: float,
+               tops: Sequence[tuple[str, float]] = ()) -> None:
+        """Worker: clips just served (their frames are never written to again: references suffice), and the top
+        label each was served with."""
         if now <= self.until:
-            self.clips.extend(list(c) for c in clips[: self.max_clips - len(self.clips)])
+            room = self.max_clips - len(self.clips)
+            self.clips.extend(list(c) for c in clips[:room])
+            self.tops.extend(list(tops)[:room])
 
     def due(self, now: float) -> bool:
         return now > self.until
 
-    def finish(self, teach: Callable[[str, list], int], where: str) -> None:
-        """Worker: learn the recorded clips with `teach` (Engine.teach) and complete the job."""
+    def finish(self, teach: Callable[[str, list], int], where: str, classes: Sequence[str] = ()) -> None:
+        """Worker: learn the recorded clips with `teach` (Engine.teach) and complete the job. `classes`: every name
+        the model could give before, for the note on a class the new label competes with."""
         n = len(self.clips)
         try:
             if n == 0:
                 self.message = f"no clips were served while recording {self.label!r}: is the camera publishing?"
             else:
+                note = rival(self.label, self.tops, classes) if len(self.tops) == n else None
                 total = teach(self.label, self.clips)
                 self.success, self.clips_learned = True, n
                 self.message = f"taught {self.label!r} from {n} clips ({total} in all), saved to {where}"
+                if note:
+                    self.message += (f"; note: {note} (undo: hiera-perception teach --forget {self.label} "
+                                     f"--prototypes {where})")
         except Exception as e:  # noqa: BLE001 - any failure goes back to the caller; serving goes on
             self.clips_learned = 0
             self.message = f"teaching {self.label!r} failed: {type(e).__name__}: {e}"
         finally:
-            self.clips = []
+            self.clips, self.tops = [], []
             self.done.set()

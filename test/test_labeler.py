@@ -353,3 +353,29 @@ def test_run_and_eval_read_the_labels_taught_into_a_file_of_ones_own(tmp_path, c
     assert cli.main(["run", *base, "--video", str(data / board), "--json", "--frame-stride", "0.125"]) == 0
     clips = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert clips and all(c["labels"][0] == "board" for c in clips)
+
+
+def test_rival_is_a_confident_majority_among_three_or_more_classes():
+    from hiera_perception.labeler import rival
+
+    eight = ["wave", "idle", "approach", "circle", "swipe_left", "swipe_right", "swipe_up", "swipe_down"]
+    assert rival("retreat", [("idle", 0.9), ("idle", 0.7), ("wave", 0.9)], eight) == (
+        "the model named 2 of 3 of these clips 'idle' (p >= 0.5) before: clips of 'idle' may now be named 'retreat'")
+    assert rival("retreat", [("idle", 0.9), ("idle", 0.4), ("wave", 0.9)], eight) is None  # 1 confident of 3
+    assert rival("idle", [("idle", 0.9)] * 3, eight) is None  # reinforcing a class
+    assert rival("retreat", [("idle", 0.9)] * 3, ["idle", "wave"]) is None  # 2 classes: p >= 0.5 is no signal
+    assert rival("retreat", [], eight) is None
+
+
+def test_the_node_teach_job_carries_the_same_note():
+    # the node's ~/teach learns clips it served: their served labels say what the model made of them before
+    from hiera_perception.online import TeachJob
+
+    job = TeachJob.start("retreat", 1.0, 10.0)
+    clip = [np.zeros((4, 4, 3), np.uint8)]
+    job.record([clip] * 4, job.until - 0.5, [("idle", 0.8)] * 4)
+    job.finish(lambda label, clips: len(clips), "/x/taught.json", ["idle", "wave", "circle", "approach"])
+    assert job.success and job.clips_learned == 4 and job.message == (
+        "taught 'retreat' from 4 clips (4 in all), saved to /x/taught.json; note: the model named 4 of 4 of these "
+        "clips 'idle' (p >= 0.5) before: clips of 'idle' may now be named 'retreat' (undo: hiera-perception teach "
+        "--forget retreat --prototypes /x/taught.json)")
