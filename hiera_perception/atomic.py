@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_replace", "check_writable"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_replace", "check_writable", "leftovers"]
 
 
 @contextlib.contextmanager
@@ -22,7 +22,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary data files
         with os.fdopen(fd, mode) as f:
@@ -65,8 +65,20 @@ def check_writable(path: str | os.PathLike) -> None:
         raise ValueError(f"{path} is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _temp_beside(path)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
+
+
+def leftovers(path: str | os.PathLike) -> list[Path]:
+    """Temporary files of writes to `path` that never finished: their process was killed outright (SIGKILL, power
+    loss) before it could remove them."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    # the one naming rule for temporary files: `leftovers` finds them by it
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -401,7 +401,7 @@ def parameters_from_args(args: argparse.Namespace) -> list[Parameter]:
     else:
         params += [Parameter("synthetic", value=True), Parameter("synthetic_seed", value=int(args.seed))]
     fps = args.fps if args.fps is not None else (30.0 if args.synthetic else 0.0)
-    if not MIN_FPS <= fps <= MAX_FPS and not (fps == 0.0 and not args.synthetic):
+    if _fps_problem(fps) is not None or (fps == 0.0 and args.synthetic):  # the synthetic camera has no own rate
         raise ValueError(f"--fps must be in [{MIN_FPS:g}, {MAX_FPS:g}], got {args.fps}")
     params.append(Parameter("fps", value=float(fps)))
     if args.size:

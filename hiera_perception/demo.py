@@ -26,10 +26,10 @@ clips printed after the first second.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import contextlib
 import difflib
+import importlib.util
+import json
 import logging
 import os
 import random

@@ -178,7 +178,11 @@ class Engine:
     def teach(self, label: str, clips: Sequence[Sequence[np.ndarray]], batch: int = 8) -> int:
         """Learn (or reinforce) a label from example clips; persists it; returns its clip count."""
         embs = [self._forward(clips[i : i + batch])[0].float().cpu().numpy() for i in range(0, len(clips), batch)]
-        count = self.prototypes.add(label, np.concatenate(embs) if embs else np.zeros((0, self.model.num_features)))
+        return self.learn(label, np.concatenate(embs) if embs else np.zeros((0, self.model.num_features)))
+
+    def learn(self, label: str, embeddings: np.ndarray) -> int:
+        """`teach` from the clips' embeddings [N, C] (e.g. from `infer`, which already ran them); returns its count."""
+        count = self.prototypes.add(label, embeddings)
         self.prototypes.save()
-        log.info("taught %r from %d clips (%d in all)", label, len(clips), count)
+        log.info("taught %r from %d clips (%d in all)", label, len(embeddings), count)
         return count

@@ -18,8 +18,8 @@ import os
 import sys
 import threading
 from collections import Counter
-from typing import Sequence
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -248,10 +248,10 @@ def main(args) -> int:
         if not by_label:
             raise SystemExit(f"no labelled clips{f' of {args.label!r}' if args.label else ''} in {args.data}")
     for label, clips in by_label.items():
-        tops = [(r.labels[0], r.scores[0]) for b in range(0, len(clips), 8) for r in engine.infer(clips[b : b + 8])
-                if r.labels]
-        note = rival(label, tops, engine.labeler.classes)
-        count = engine.teach(label, clips)
+        # one forward pass: what the model names the clips before (for the note), and their embeddings to learn
+        results = [r for b in range(0, len(clips), 8) for r in engine.infer(clips[b : b + 8])]
+        note = rival(label, [(r.labels[0], r.scores[0]) for r in results if r.labels], engine.labeler.classes)
+        count = engine.learn(label, np.stack([r.embedding for r in results]))
         print(f"taught {label!r}: {len(clips)} clips ({count} in all) -> {protos.path}")
         if note:
             print(f"note: {note}; check with `eval`, undo with `teach --forget {label}`", file=sys.stderr)

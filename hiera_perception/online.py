@@ -193,14 +193,13 @@ class TeachJob:
             raise ValueError(f"seconds must be in (0, {max_seconds:g}], got {seconds:g}")
         return cls(label, time.monotonic() + seconds)
 
-    def record(self, clips: Sequence[Sequence[np.ndarray]], now: float,
-               tops: Sequence[tuple[str, float]] = ()) -> None:
+    def record(self, clips: Sequence[Sequence[np.ndarray]], now: float, tops: Sequence[tuple[str, float]]) -> None:
         """Worker: clips just served (their frames are never written to again: references suffice), and the top
         label each was served with."""
         if now <= self.until:
             room = self.max_clips - len(self.clips)
             self.clips.extend(list(c) for c in clips[:room])
-            self.tops.extend(list(tops)[:room])
+            self.tops.extend(tops[:room])
 
     def due(self, now: float) -> bool:
         return now > self.until
@@ -213,7 +212,7 @@ class TeachJob:
             if n == 0:
                 self.message = f"no clips were served while recording {self.label!r}: is the camera publishing?"
             else:
-                note = rival(self.label, self.tops, classes) if len(self.tops) == n else None
+                note = rival(self.label, self.tops, classes)
                 total = teach(self.label, self.clips)
                 self.success, self.clips_learned = True, n
                 self.message = f"taught {self.label!r} from {n} clips ({total} in all), saved to {where}"

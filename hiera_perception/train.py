@@ -498,10 +498,10 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
         while step < stop_at:
             epoch, skip = divmod(step, batches.steps_per_epoch)
             if command == "finetune" and frozen != (epoch < unfreeze_epoch):
-                was, frozen = frozen, epoch < unfreeze_epoch
+                frozen = epoch < unfreeze_epoch
                 _set_frozen(enc, frozen)  # a joint run's decoder always trains
                 ddp = None  # DDP registers the parameters that need gradients when it is built
-                if procs.main and not frozen and (was or (was is None and 0 < unfreeze_epoch == epoch)):
+                if procs.main and 0 < unfreeze_epoch == epoch:  # not on a resume past it
                     log.info("epoch %d: encoder unfrozen", epoch)
             if ddp is None:
                 net = _JointLoss(model) if joint else model

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from hiera_perception.atomic import atomic_write, atomic_write_text
+from hiera_perception.atomic import atomic_write, atomic_write_text, leftovers
 
 __all__ = [
     "LICENSE",
@@ -364,7 +364,7 @@ def fetch(
     # One fetch at a time per cache folder: what another fetch was writing is never taken for a leftover, and
     # two fetches of different files cannot lose each other's record entry.
     with _locked(folder):
-        for stale in folder.glob(f".{dest.name}.*.tmp"):  # a download killed outright (SIGKILL, power loss)
+        for stale in leftovers(dest):  # of a download killed outright
             logger.warning("removing %s, left by an interrupted download (%d bytes)", stale, stale.stat().st_size)
             stale.unlink(missing_ok=True)
         logger.info("downloading %s -> %s", source, dest)
