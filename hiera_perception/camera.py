@@ -38,7 +38,7 @@ from rclpy.validate_topic_name import validate_topic_name
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from hiera_perception.ros_params import declare_all, describe, on_parameters, spin_node
+from hiera_perception.ros_params import declare_all, describe, on_parameters, spin_node, warn_unknown_parameters
 from hiera_perception.synth import SEGMENT_S, SyntheticCamera
 from hiera_perception.video import check_video_file
 
@@ -273,6 +273,7 @@ class CameraPublisher(Node):
         self._timer = None
         self._start_timer(cfg.fps)
         on_parameters(self, self._apply_parameters, self._validate_parameters)
+        warn_unknown_parameters(self)
         source = cfg.video_path or (f"camera {cfg.camera_index}" if cfg.camera_index >= 0 else "synthetic camera")
         self.get_logger().info(f"publishing {source} on {self._pub.topic_name} at {self._fps:.4g} fps, "
                                f"frame_id {cfg.frame_id!r}")

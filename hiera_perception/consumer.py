@@ -36,7 +36,7 @@ from hiera_perception_msgs.msg import ActionFeatures
 from std_msgs.msg import String
 
 from hiera_perception.ros_params import describe as _desc
-from hiera_perception.ros_params import on_parameters, spin_node
+from hiera_perception.ros_params import on_parameters, spin_node, warn_unknown_parameters
 
 __all__ = ["ActionDecider", "ConsumerConfig", "ActionConsumer", "STOP", "main"]
 
@@ -176,6 +176,9 @@ class ActionConsumer(Node):
         )
         self.decider = ActionDecider(config)  # raises ValueError naming a bad command
         on_parameters(self, self._apply_parameters)  # ranges and read-only are checked by the descriptors
+        if any(p.startswith(("commands.", "phrases.")) for p in warn_unknown_parameters(self)):
+            self.get_logger().warning("commands.<label> and phrases.<label> count only for a label listed in "
+                                      "`labels`")
         if not labels:
             self.get_logger().warning("no labels configured: every action means stop "
                                       "(pass --params-file config/consumer.yaml)")

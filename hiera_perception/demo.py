@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import importlib.util
 import json
 import logging
@@ -417,15 +416,13 @@ def _say_taught_labels(model: str) -> None:
 
 
 def _check_node_parameter(name: str) -> None:
-    """A misspelt name would reach the node's params file and be ignored there, silently, as ROS does."""
+    """A misspelt name would reach the node's params file, where the node would only warn about it."""
     from hiera_perception.node_config import PARAMETERS  # torch: only when --param is used
+    from hiera_perception.ros_params import unknown_parameter
 
-    # besides its own: what rclpy declares on every node
-    if name not in PARAMETERS and name not in ("use_sim_time", "start_type_description_service") \
-            and not name.startswith("qos_overrides."):
-        close = difflib.get_close_matches(name, PARAMETERS, n=3)
-        raise ValueError(f"--param {name}: not a parameter of the perception node"
-                         + (f" (did you mean {', '.join(close)}?)" if close else " (see config/perception.yaml)"))
+    if problem := unknown_parameter(name, PARAMETERS):
+        raise ValueError(f"--param {problem.replace('this node', 'the perception node')}"
+                         + ("" if "did you mean" in problem else " (see config/perception.yaml)"))
 
 
 @contextlib.contextmanager

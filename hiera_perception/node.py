@@ -70,7 +70,7 @@ from hiera_perception.engine import Engine
 from hiera_perception.node_config import PARAMETERS, ConfigError, NodeConfig, config_from
 from hiera_perception.online import (LiveAdaptation, TeachJob, default_adaptation_dir, default_prototypes_file,
                                      resume_serving)
-from hiera_perception.ros_params import declare_all, on_parameters, spin_node
+from hiera_perception.ros_params import declare_all, on_parameters, spin_node, warn_unknown_parameters
 
 __all__ = ["PerceptionNode", "NodeConfig", "ConfigError", "main"]
 
@@ -103,6 +103,7 @@ class PerceptionNode(Node):
         super().__init__(NODE_NAME, **kwargs)
         self.config = config_from(declare_all(self, PARAMETERS, ConfigError))
         self.config.validate()
+        warn_unknown_parameters(self)  # before the model loads: a misspelt name is seen at once
         self._core_log = _ToRosLogger(self.get_logger())
         logging.getLogger("hiera_perception").addHandler(self._core_log)
         logging.getLogger("hiera_perception").setLevel(logging.INFO)

@@ -10,7 +10,8 @@ what Humble has.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import difflib
+from typing import Any, Callable, Iterable
 
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
@@ -21,7 +22,9 @@ from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-__all__ = ["describe", "declare_all", "on_parameters", "spin_node"]
+__all__ = ["describe", "declare_all", "on_parameters", "spin_node", "unknown_parameter", "warn_unknown_parameters"]
+
+RCLPY_PARAMETERS = ("use_sim_time", "start_type_description_service")  # what rclpy declares on every node
 
 
 def describe(description: str, lo: float | None = None, hi: float | None = None,
@@ -47,6 +50,30 @@ def declare_all(node: Node, table: dict[str, tuple[Any, ParameterDescriptor]],
             hint = " (write floats with a decimal point, e.g. 1.0)" if slip else ""
             raise error(f"parameter {name}: {e.args[0] if e.args else e}{hint}") from None
     return {name: node.get_parameter(name).value for name in table}
+
+
+def unknown_parameter(name: str, known: Iterable[str]) -> str | None:
+    """None for a parameter of the node (its own, one rclpy declares on every node, a QoS override), else why it
+    is not one, with the close matches: ROS ignores such a name silently, so a misspelling would go unnoticed."""
+    known = list(known)
+    if name in known or name in RCLPY_PARAMETERS or name.startswith("qos_overrides."):
+        return None
+    group, _, last = name.rpartition(".")  # `commands.jump` is compared with commands.* by what follows the dot
+    siblings = {k[len(group) + 1:]: k for k in known if group and k.startswith(group + ".")}
+    close = ([siblings[m] for m in difflib.get_close_matches(last, siblings, n=3)] if siblings
+             else difflib.get_close_matches(name, known, n=3))
+    return f"{name}: not a parameter of this node" + (f" (did you mean {', '.join(close)}?)" if close else "")
+
+
+def warn_unknown_parameters(node: Node) -> list[str]:
+    """Log a warning for each parameter given to `node` (params file, `-p`, launch) that it never declared, and
+    return them; call once everything is declared. rclpy keeps the given ones only in a private attribute."""
+    declared = node.list_parameters([], 0).names
+    problems = [p for name in sorted(getattr(node, "_parameter_overrides", {}))
+                if (p := unknown_parameter(name, declared))]
+    for p in problems:
+        node.get_logger().warning(f"ignored parameter {p}")
+    return problems
 
 
 def _accept(params: list[Parameter]) -> SetParametersResult:

@@ -272,3 +272,32 @@ def test_node_parameters_without_a_file_and_with_a_bad_command():
             ActionConsumer(context=context, parameter_overrides=[Parameter("labels", value=["wave", "idle", "wave"])])
     finally:
         context.try_shutdown()
+
+
+def test_parameters_it_never_declares_are_named_in_a_warning():
+    """ROS ignores a parameter a node does not declare, silently: a command for a label missing from `labels`, or a
+    misspelt name, did nothing without a word. The shipped file draws no warning."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from hiera_perception.consumer import ActionConsumer
+    from hiera_perception.ros_params import warn_unknown_parameters
+
+    context = rclpy.Context()
+    rclpy.init(context=context, args=["--ros-args", "--params-file", str(ROOT / "config" / "consumer.yaml")])
+    try:
+        shipped = ActionConsumer(context=context)
+        assert warn_unknown_parameters(shipped) == []
+        shipped.destroy_node()
+        node = ActionConsumer(context=context, parameter_overrides=[
+            Parameter("commands.jump", value=[0.0] * 6), Parameter("phrases.wavee", value="hi"),
+            Parameter("treshold", value=0.5),
+            Parameter("use_sim_time", value=False),
+            Parameter("qos_overrides./action_features.subscription.depth", value=5)])
+        assert warn_unknown_parameters(node) == [
+            "commands.jump: not a parameter of this node",
+            "phrases.wavee: not a parameter of this node (did you mean phrases.wave?)",
+            "treshold: not a parameter of this node (did you mean threshold?)"]
+        assert node.decider.config.threshold == 0.6  # and nothing of it was applied
+    finally:
+        context.try_shutdown()

@@ -126,6 +126,8 @@ if launch_testing is not None:
             launch_testing.asserts.assertExitCodes(proc_info)  # 0: Ctrl-C handled, no traceback exit
             for output in proc_output:
                 self.assertNotIn("Traceback", output.text.decode(errors="replace"))
+                # the shipped params file and the launch file's arguments name only parameters the node has
+                self.assertNotIn("ignored parameter", output.text.decode(errors="replace"))
 
 else:
 

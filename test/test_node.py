@@ -27,7 +27,8 @@ def test_raw_input_features_stamps_and_runtime_top_k(checkpoint, tmp_path):
 
     params = rh.write_params(tmp_path / "params.yaml", rh.node_params(checkpoint), qos_reliable_depth=200)
     log = tmp_path / "node.log"
-    proc = rh.start_node(["--ros-args", "--params-file", str(params)], rh.ros_env(DOMAIN), log)
+    # a misspelt name (ignored, as ROS does) is named in a warning
+    proc = rh.start_node(["--ros-args", "--params-file", str(params), "-p", "top_kk:=2"], rh.ros_env(DOMAIN), log)
     harness = rh.Harness(DOMAIN)
     try:
         harness.wait_connected(proc)
@@ -71,6 +72,8 @@ def test_raw_input_features_stamps_and_runtime_top_k(checkpoint, tmp_path):
         rc = rh.stop(proc)
     text = log.read_text()
     assert rc == 0 and "Traceback" not in text, text  # Ctrl-C: clean exit, no traceback
+    assert "ignored parameter top_kk: not a parameter of this node (did you mean top_k?)" in text, text
+    assert text.count("ignored parameter") == 1, text  # the params file's own names are all the node's
 
 
 def test_compressed_input_remap_frame_id_override_and_bad_frames(checkpoint, tmp_path):
