@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import InvalidTopicNameException
+from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -365,8 +366,18 @@ class CameraPublisher(Node):
 
 def run(argv: Sequence[str] | None = None, **node_kwargs: Any) -> int:
     """rclpy.init with `argv`, the node until Ctrl-C (or the end of a non-looping video); 0, or 2 on bad parameters."""
-    return spin_node(lambda: CameraPublisher(**node_kwargs), NODE_NAME, list(argv) if argv is not None else None,
-                     until=lambda node: node.finished)
+    nodes: list[CameraPublisher] = []
+
+    def make() -> CameraPublisher:
+        nodes.append(CameraPublisher(**node_kwargs))
+        return nodes[-1]
+
+    rc = spin_node(make, NODE_NAME, list(argv) if argv is not None else None, until=lambda node: node.finished)
+    if nodes:  # the final count (the running one is throttled), once the node is gone: nothing left for rosout
+        counts = nodes[-1].counts
+        get_logger(NODE_NAME).info(f"stopped: {counts['published']} frames published, {counts['late']} late, "
+                                   f"{counts['read_failures']} failed reads")
+    return rc
 
 
 def node_main(args: list[str] | None = None) -> int:

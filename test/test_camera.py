@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -299,7 +300,7 @@ def test_synthetic_camera_publishes_true_action_with_each_frame_stamp():
     assert all(b > a and (b - a) % period == 0 for a, b in zip(stamps, stamps[1:])), stamps
 
 
-def test_publish_command_remaps_the_topic_and_ends_with_the_video(video):
+def test_publish_command_remaps_the_topic_and_ends_with_the_video(video, capfd):
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
@@ -332,3 +333,6 @@ def test_publish_command_remaps_the_topic_and_ends_with_the_video(video):
         context.try_shutdown()
     assert 0 < len(got) <= N, "frames came on the remapped topic, the file played once"
     assert all((m.width, m.height, m.encoding) == (32, 24, "rgb8") for m in got)
+    err = capfd.readouterr().err
+    assert re.search(rf"stopped: {N} frames published, \d+ late, 0 failed reads", err), err  # the final count
+    assert "rosout" not in err, err  # logged once the node is gone, not through its closed rosout publisher
