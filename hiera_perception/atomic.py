@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_replace", "check_writable", "leftovers"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_replace", "check_writable", "leftovers",
+           "temp_beside"]
 
 
 @contextlib.contextmanager
@@ -22,7 +23,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path)
+    fd, tmp = temp_beside(path)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary data files
         with os.fdopen(fd, mode) as f:
@@ -65,7 +66,7 @@ def check_writable(path: str | os.PathLike) -> None:
         raise ValueError(f"{path} is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _temp_beside(path)
+        fd, tmp = temp_beside(path)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
@@ -76,9 +77,11 @@ def leftovers(path: str | os.PathLike) -> list[Path]:
     """Temporary files of writes to `path` that never finished: their process was killed outright (SIGKILL, power
     loss) before it could remove them."""
     path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    return sorted(path.parent.glob(f".{path.name}.*.tmp*"))
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
-    # the one naming rule for temporary files: `leftovers` finds them by it
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def temp_beside(path: Path, keep_suffix: bool = False) -> tuple[int, str]:
+    """(fd, name) of a new temporary file beside `path`, a name no other writer gets; `keep_suffix` ends it with
+    path's suffix (a video writer picks its container by it). The one naming rule: `leftovers` finds them by it."""
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (path.suffix if keep_suffix else ""),
+                            dir=path.parent)

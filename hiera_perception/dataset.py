@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import os
 import tempfile
@@ -23,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from hiera_perception.atomic import atomic_replace, atomic_write_text
+from hiera_perception.atomic import atomic_replace, atomic_write_text, temp_beside
 from hiera_perception.preprocess import crop_resize
 from hiera_perception.video import iter_frames
 
@@ -93,25 +94,36 @@ def write_labels_csv(folder: str | Path, rows: Iterable[tuple[str, str | None]])
     return path
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float, fourcc: str | None = None) -> Path:
-    """RGB uint8 [T, H, W, 3] (H and W even) -> a video file, written under a temporary name, fsynced and renamed
-    into place.
+def write_video(path: str | Path, frames: np.ndarray | Iterable[np.ndarray], fps: float,
+                fourcc: str | None = None) -> Path:
+    """RGB uint8 frames [H, W, 3] of one size, H and W even (an array [T, H, W, 3], or any iterable of frames, e.g.
+    a generator: then only one need be in memory) -> a video file, written under a temporary name of its own,
+    fsynced and renamed into place.
 
     `fourcc` defaults to the one `video_format()` found to round-trip; the extension of `path` picks
     the container, so it should match (.mp4 for mp4v, .avi for MJPG).
     """
     path = Path(path)
-    if frames.ndim != 4 or frames.shape[0] < 1 or frames.shape[3] != 3 or frames.shape[1] % 2 or frames.shape[2] % 2:
+    frames = iter(frames)
+    first = next(frames, None)
+    shape = [] if first is None else list(np.shape(first))
+    if len(shape) != 3 or shape[2] != 3 or shape[0] % 2 or shape[1] % 2:
         # OpenCV's writers drop the last row and column of an odd size without a word; no frames: an unreadable file
-        raise ValueError(f"write_video needs RGB frames [T >= 1, H, W, 3] with H and W even, got {list(frames.shape)}")
+        raise ValueError(f"write_video needs RGB frames [H, W, 3] with H and W even, got "
+                         + ("no frames" if first is None else str(shape)))
     fourcc = fourcc or video_format()[1]
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the extension: it picks the container
-    h, w = frames.shape[1:3]
+    fd, tmp = temp_beside(path, keep_suffix=True)  # its own name: two writers of one path never share it
+    os.close(fd)
+    tmp = Path(tmp)
+    h, w = shape[:2]
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc), float(fps), (w, h))
     try:
         if not writer.isOpened():
             raise OSError(f"OpenCV cannot open a {fourcc} video writer for {tmp}")
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
+            if np.shape(frame) != (h, w, 3) or np.asarray(frame).dtype != np.uint8:
+                raise ValueError(f"write_video: every frame must be uint8 [{h}, {w}, 3] like the first, got "
+                                 f"{np.asarray(frame).dtype} {list(np.shape(frame))}")
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         writer.release()
         if not tmp.is_file() or tmp.stat().st_size == 0:

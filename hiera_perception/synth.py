@@ -36,7 +36,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -428,41 +428,49 @@ class _Scene:
 
     def render(self, ts: np.ndarray) -> np.ndarray:
         """Frames at times ts [n] (seconds) -> uint8 RGB [n, H, W, 3]; noise continues the scene's noise stream."""
+        return np.concatenate(list(self.frames(ts)))
+
+    def frames(self, ts: np.ndarray, chunk: int = 32) -> Iterator[np.ndarray]:
+        """`render(ts)` in pieces of up to `chunk` frames (uint8 [<= chunk, H, W, 3]), the same pixels: memory stays
+        that of one piece however many times are asked for."""
         ts = np.atleast_1d(np.asarray(ts, np.float64))
         n, h, w, m = len(ts), self.h, self.w, self.margin
         x, y, ls, ang, opacity = self.pose(ts)
         amp, sf, sph = self.shake
         shake = np.rint(amp * np.sin(2 * np.pi * sf[..., None] * (ts + self.t0) + sph[..., None]).mean(1)).astype(int)
-        frames = np.empty((n, h, w, 3), np.uint8)
-        for i in range(n):
-            sx, sy = int(shake[0, i]), int(shake[1, i])
-            frames[i] = self.bg[m + sy : m + sy + h, m + sx : m + sx + w]
-            diam = self.diam * math.exp(ls[i])
-            _blend_sprite(frames[i], self.sprite, x[i] - sx, y[i] - sy, diam, ang[i], float(opacity[i]))
-            if isinstance(self.kernel, tuple):  # optics / motion blur happen before the sensor
-                cv2.sepFilter2D(frames[i], -1, *self.kernel, dst=frames[i], borderType=cv2.BORDER_REFLECT)
-            elif self.kernel is not None:
-                cv2.filter2D(frames[i], -1, self.kernel, dst=frames[i], borderType=cv2.BORDER_REFLECT)
         lut = np.clip(np.rint((np.arange(256) / 255.0) ** self.gamma * 255), 0, 255).astype(np.uint8)
-        frames = cv2.LUT(frames.reshape(n * h, w, 3), lut).reshape(n, h, w, 3)
         fa, ff, fph = self.flicker
         gain = (self.gain * (1 + fa * np.sin(2 * np.pi * ff * ts + fph))).astype(np.float32)
-        out = frames.astype(np.float32)
-        out *= self.field
-        out *= gain[:, None, None, None]
-        out += self.tint
         # Sensor noise: each frame adds a window at a random offset into a Gaussian field twice the frame's
-        # size; as good as fresh noise to any model, at a fraction of the cost of drawing every pixel.
+        # size; as good as fresh noise to any model, at a fraction of the cost of drawing every pixel. All offsets
+        # are drawn before any salt, piece by piece after: the noise stream is the same for any `chunk`.
         off = self._noise_rng.integers(0, (h, w), size=(n, 2))
-        for i in range(n):
-            out[i] += self._noise[off[i, 0] : off[i, 0] + h, off[i, 1] : off[i, 1] + w]
-        if self.salt > 0:
-            u = self._noise_rng.random(out.shape[:3], dtype=np.float32)
-            out[u < self.salt / 2] = 0.0
-            out[u > 1 - self.salt / 2] = 255.0
-        np.clip(out, 0, 255, out=out)
-        out += 0.5
-        return out.astype(np.uint8)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            frames = np.empty((b - a, h, w, 3), np.uint8)
+            for k, i in enumerate(range(a, b)):
+                sx, sy = int(shake[0, i]), int(shake[1, i])
+                frames[k] = self.bg[m + sy : m + sy + h, m + sx : m + sx + w]
+                diam = self.diam * math.exp(ls[i])
+                _blend_sprite(frames[k], self.sprite, x[i] - sx, y[i] - sy, diam, ang[i], float(opacity[i]))
+                if isinstance(self.kernel, tuple):  # optics / motion blur happen before the sensor
+                    cv2.sepFilter2D(frames[k], -1, *self.kernel, dst=frames[k], borderType=cv2.BORDER_REFLECT)
+                elif self.kernel is not None:
+                    cv2.filter2D(frames[k], -1, self.kernel, dst=frames[k], borderType=cv2.BORDER_REFLECT)
+            frames = cv2.LUT(frames.reshape((b - a) * h, w, 3), lut).reshape(b - a, h, w, 3)
+            out = frames.astype(np.float32)
+            out *= self.field
+            out *= gain[a:b, None, None, None]
+            out += self.tint
+            for k, i in enumerate(range(a, b)):
+                out[k] += self._noise[off[i, 0] : off[i, 0] + h, off[i, 1] : off[i, 1] + w]
+            if self.salt > 0:
+                u = self._noise_rng.random(out.shape[:3], dtype=np.float32)
+                out[u < self.salt / 2] = 0.0
+                out[u > 1 - self.salt / 2] = 255.0
+            np.clip(out, 0, 255, out=out)
+            out += 0.5
+            yield out.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -481,12 +489,18 @@ def render_clip(
     With the same generator state, every action and every shift draws the same scene, so clips
     differ only in the motion (across actions) or in the shift (across shifts).
     """
+    return np.concatenate(list(clip_pieces(action, rng, num_frames, size, fps, shift)))
+
+
+def clip_pieces(action: str, rng: np.random.Generator, num_frames: int, size: tuple[int, int] = (128, 128),
+                fps: float = 30.0, shift: str = "none") -> Iterator[np.ndarray]:
+    """`render_clip`'s frames, the same pixels, in pieces of a few dozen: a clip of any length in bounded memory."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     scene = _Scene(action, rng, size, shift, duration=num_frames / fps)
-    return scene.render(np.arange(num_frames) / fps)
+    return scene.frames(np.arange(num_frames) / fps)
 
 
 class SyntheticCamera:
@@ -604,9 +618,9 @@ def write_dataset(
     rows: list[tuple[str, str | None]] = []
     for i in tqdm(range(clips), desc=f"synth {out.name}", unit="clip", disable=not progress):
         action = ACTIONS[i % len(ACTIONS)]
-        frames = render_clip(action, np.random.default_rng([seed, i]), num_frames, size, fps, shift)
+        pieces = clip_pieces(action, np.random.default_rng([seed, i]), num_frames, size, fps, shift)
         name = f"clip_{i:06d}{ext}"  # the name never tells the label (unlabeled sets stay unlabeled)
-        write_video(out / name, frames, fps, fourcc)
+        write_video(out / name, (f for piece in pieces for f in piece), fps, fourcc)  # one piece in memory
         rows.append((name, None if unlabeled else action))
     labels = write_labels_csv(out, rows)
     log.info("wrote %d clips (%s, shift=%s, seed=%d) and %s", clips, fourcc, shift, seed, labels)

@@ -1,6 +1,8 @@
 """Data folders: labels.csv parsing and its errors, timeline sampling of clips, the torch ClipDataset."""
 
 import logging
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,19 +95,38 @@ def test_write_video_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkey
     monkeypatch.setattr(dataset.os, "replace", replace)
     path = tmp_path / "v.avi"
     dataset.write_video(path, np.zeros((2, 16, 16, 3), np.uint8), 10.0, "MJPG")
-    tmp = str(tmp_path / ".v.tmp.avi")
+    tmp = calls[0][1]
+    assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".v.avi.") and tmp.endswith(".tmp.avi")
     assert calls == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]  # data, then the rename
     assert len(all_frames(path)) == 2
 
 
-@pytest.mark.parametrize("shape", [(2, 25, 32, 3), (2, 24, 33, 3), (0, 16, 16, 3), (2, 16, 16)])
-def test_write_video_refuses_what_it_cannot_write_faithfully(tmp_path, shape):
+@pytest.mark.parametrize("shape, got", [((2, 25, 32, 3), "[25, 32, 3]"), ((2, 24, 33, 3), "[24, 33, 3]"),
+                                        ((0, 16, 16, 3), "no frames"), ((2, 16, 16), "[16, 16]")])
+def test_write_video_refuses_what_it_cannot_write_faithfully(tmp_path, shape, got):
     """An odd size came back cropped (25x33 -> 24x32) and no frames made an unreadable file, without a word."""
     from hiera_perception.dataset import write_video
 
-    with pytest.raises(ValueError, match=r"H and W even, got \[" + ", ".join(map(str, shape))):
+    with pytest.raises(ValueError, match=r"H and W even, got " + re.escape(got)):
         write_video(tmp_path / "v.avi", np.zeros(shape, np.uint8), 10.0, "MJPG")
     assert not list(tmp_path.iterdir())
+
+
+def test_write_video_streams_frames_and_its_temporary_name_is_its_own(tmp_path):
+    """Frames may come from a generator (a long video need not be in memory); a frame unlike the first is refused
+    and nothing is left behind. Another writer's temporary file for the same video is not touched (they shared one
+    fixed name: two runs into one folder wrote into each other's file)."""
+    from hiera_perception.dataset import write_video
+
+    frames = np.random.default_rng(0).integers(0, 256, (5, 16, 24, 3), dtype=np.uint8)
+    other = tmp_path / ".v.avi.other.tmp.avi"  # a concurrent writer's, by the same naming rule
+    other.write_bytes(b"theirs")
+    write_video(tmp_path / "v.avi", (f for f in frames), 10.0, "MJPG")
+    assert len(all_frames(tmp_path / "v.avi")) == 5 and other.read_bytes() == b"theirs"
+    bad = [frames[0], frames[1][:8]]
+    with pytest.raises(ValueError, match=r"every frame must be uint8 \[16, 24, 3\] like the first, got uint8 \[8, 24, 3\]"):
+        write_video(tmp_path / "w.avi", iter(bad), 10.0, "MJPG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "v.avi"]
 
 
 def test_bad_csv_errors_name_the_problem(tmp_path, folder):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hiera_perception import cli
-from hiera_perception.synth import ACTIONS, SHIFTS, SyntheticCamera, _Scene, render_clip
+from hiera_perception.synth import ACTIONS, SHIFTS, SyntheticCamera, _Scene, render_clip, write_dataset
 from hiera_perception.video import iter_frames
 
 SIZE = (24, 32)  # (H, W): tiny and not square
@@ -325,3 +325,29 @@ def test_camera_mostly_keeps_the_scene_across_a_change_of_action():
                 moved += inside
         prev = (scene, (cam._segment_end - cam._segment_start) / cam.fps)
     assert kept > cut > 0 and moved > 0
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_pieces_are_the_pixels_of_the_whole_clip(shift):
+    """A long clip is rendered and written piece by piece: the pieces are exactly the clip rendered at once (the
+    noise stream included), whatever their length."""
+    whole = render_clip("circle", np.random.default_rng([4, 2]), 50, (48, 64), 25.0, shift)
+    scene = _Scene("circle", np.random.default_rng([4, 2]), (48, 64), shift, duration=50 / 25.0)
+    pieces = list(scene.frames(np.arange(50) / 25.0, chunk=7))
+    assert [len(p) for p in pieces] == [7] * 7 + [1]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+
+
+def test_a_long_clip_is_written_in_bounded_memory(tmp_path):
+    """`synth --seconds 600` held the whole clip in memory as float32 (about 3.5 GB at 128 px) before writing it."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        write_dataset(tmp_path, clips=1, seed=0, seconds=30.0, fps=30.0, size=(64, 64), progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    whole = 900 * 64 * 64 * 3 * 4  # the clip as float32: 44 MB
+    assert peak < whole / 3, f"peak {peak / 2**20:.1f} MiB"  # about 6 MiB: a piece of 32 frames and the scene
+    assert sum(1 for _ in iter_frames(next(tmp_path.glob("clip_000000.*")))) == 900
