@@ -22,7 +22,6 @@ import os
 import pickle
 import re
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,8 +151,9 @@ def _torch_load(path: Path) -> Any:
             raise CheckpointError(f"{path}: holds unsupported objects ({unsupported.group(1)}): a weights-only load "
                                   "reads tensors, plain data, numpy numbers and argparse.Namespace only") from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    except Exception as e:  # a damaged file fails anywhere in torch's reader: IndexError, TypeError, zip errors...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -178,8 +178,11 @@ def _checkpoint_from_raw(raw: Any, path: Path) -> Checkpoint:
     if digest != raw.get("weights_sha256"):
         raise CheckpointError(f"{path}: weights sha256 {digest[:16]}... does not match the recorded "
                               f"{str(raw.get('weights_sha256'))[:16]}...: the file is corrupt")
-    return Checkpoint(cfg, state, list(raw.get("labels", [])), raw.get("model_id", ""), int(raw.get("version", 0)),
-                      raw.get("step"), dict(raw.get("extra", {})))
+    labels, model_id, version = raw.get("labels", []), raw.get("model_id", ""), raw.get("version", 0)
+    if not (isinstance(labels, (list, tuple)) and all(isinstance(x, str) for x in labels) and isinstance(model_id, str)
+            and isinstance(version, int) and isinstance(raw.get("extra", {}), dict)):
+        raise CheckpointError(f"{path}: labels, model_id, version or extra of the wrong type: the file is corrupt")
+    return Checkpoint(cfg, state, list(labels), model_id, version, raw.get("step"), dict(raw.get("extra", {})))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,6 +284,11 @@ def _official_from_raw(raw: Any, path: Path, config: HieraConfig | str, mae: boo
     if not isinstance(raw, dict) or "model_state" not in raw:
         raise CheckpointError(f"{path}: no 'model_state' entry: not an official Hiera checkpoint")
     state = raw["model_state"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: 'model_state' is a {type(state).__name__}, not a dict of tensors")
+    state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+    if bad := sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor)):
+        raise CheckpointError(f"{path}: 'model_state' entries that are not tensors: {bad[:4]}")
     cfg = get_config(config) if isinstance(config, str) else config
     head = state.get("head.projection.weight")
     cfg = cfg.replace(num_classes=int(head.shape[0]) if head is not None else 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -140,6 +141,35 @@ def test_truncated_file(tmp_path):
         load_model(path, device="cpu")
 
 
+def test_any_damage_to_the_file_is_a_checkpoint_error(tmp_path):
+    """Single flipped bits in the zip's header or directory made torch's reader fail with IndexError or TypeError
+    (a quarter of the first 2 kB, where the pickle lies: IndexError, TypeError, AttributeError, AssertionError), a traceback instead of a CheckpointError."""
+    good = save_checkpoint(tmp_path / "m.pt", tiny()).read_bytes()
+    offsets = [*range(0, 2048, 17), *range(len(good) - 3072, len(good), 61)]  # the pickle, the zip directory
+    other = 0
+    for i in offsets:
+        raw = bytearray(good)
+        raw[i] ^= 1 << (i % 8)
+        path = tmp_path / "flipped.pt"
+        path.write_bytes(bytes(raw))
+        try:
+            load_checkpoint(path)
+        except CheckpointError:
+            continue
+        except Exception as e:  # noqa: BLE001 - the point: nothing else may come out
+            pytest.fail(f"byte {i}: {type(e).__name__}: {e}")
+        other += 1  # a bit no reader looks at (zip comments, padding): the file still loads, verified
+    assert other < len(offsets) / 2
+
+
+def test_fields_of_the_wrong_type_are_a_checkpoint_error(tmp_path):
+    for field, value in (("labels", "wave"), ("labels", [1, 2]), ("version", "3"), ("model_id", 7), ("extra", [])):
+        path = save_checkpoint(tmp_path / "m.pt", tiny())
+        _rewrite(path, **{field: value})
+        with pytest.raises(CheckpointError, match="of the wrong type: the file is corrupt"):
+            load_checkpoint(path)
+
+
 def _largest_storage_offset(path: Path) -> tuple[int, int]:
     """(file offset, size) of the largest tensor storage inside the zip (stored, not compressed)."""
     with zipfile.ZipFile(path) as z:
@@ -257,6 +287,16 @@ def test_official_file_with_arch(tmp_path):
     x = clip_batch(1)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("state, problem", [(None, "'model_state' is a NoneType, not a dict of tensors"),
+                                              ([1, 2], "'model_state' is a list"),
+                                              ({"head.projection.weight": 3}, "entries that are not tensors")])
+def test_official_file_with_a_malformed_model_state(tmp_path, state, problem):
+    path = tmp_path / "downloaded.pth"
+    torch.save({"model_state": state}, path)
+    with pytest.raises(CheckpointError, match=re.escape(problem)):
+        load_model(path, arch=TINY, device="cpu")
 
 
 class _Custom:  # any class outside the weights-only allowlist; its unpickling could run code
