@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_replace", "check_writable", "leftovers",
-           "temp_beside"]
+           "locked_folder", "temp_beside"]
 
 
 @contextlib.contextmanager
@@ -33,6 +33,23 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on a folder itself (no lock file left behind) while files in it are read, changed and
+    replaced by more than one process."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; each file is still replaced atomically
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:

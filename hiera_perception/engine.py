@@ -182,7 +182,6 @@ class Engine:
 
     def learn(self, label: str, embeddings: np.ndarray) -> int:
         """`teach` from the clips' embeddings [N, C] (e.g. from `infer`, which already ran them); returns its count."""
-        count = self.prototypes.add(label, embeddings)
-        self.prototypes.save()
+        count = self.prototypes.add(label, embeddings)  # saved; nothing learnt if it cannot be
         log.info("taught %r from %d clips (%d in all)", label, len(embeddings), count)
         return count

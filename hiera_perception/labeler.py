@@ -19,12 +19,12 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from hiera_perception.atomic import atomic_write_text
+from hiera_perception.atomic import atomic_write_text, locked_folder
 
 __all__ = ["Labeler", "Prototypes", "prototypes_path", "default_prototypes_file", "rival", "state_dir"]
 
@@ -58,7 +58,11 @@ def default_prototypes_file(model) -> Path:
 
 
 class Prototypes:
-    """Taught labels: name -> (sum of normalised embeddings, count). Thread-safe; JSON on disk."""
+    """Taught labels: name -> (sum of normalised embeddings, count). Thread-safe; JSON on disk.
+
+    The file is the truth, shared by every process serving the model (nodes, the teach command): a change is made to
+    the file as it is now, under a lock on its folder, and saved before it is served; a change someone else saved is
+    picked up at the next clip."""
 
     def __init__(self, dim: int, path: str | os.PathLike | None = None):
         self.dim = dim
@@ -66,68 +70,136 @@ class Prototypes:
         self._sums: dict[str, np.ndarray] = {}
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._matrix: torch.Tensor | None = None  # cached unit directions; rebuilt after add/remove only
+        self._matrix: torch.Tensor | None = None  # cached unit directions; rebuilt after a change only
+        self._seen: tuple | None = None  # the file's identity when last read or written
         if self.path is not None and self.path.is_file():
-            self._load()
+            self._seen = self._identity()
+            self._sums, self._counts = self._read()
+            log.info("loaded %d taught labels from %s", len(self._sums), self.path)
 
-    def _load(self) -> None:
+    def _identity(self) -> tuple | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size  # an atomic replace makes a new inode
+
+    def _read(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        sums, counts = {}, {}
         try:
             data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("labels"), dict):
+                raise ValueError("not a JSON object with a 'labels' object")
             if data.get("dim") != self.dim:
                 raise ValueError(f"embedding size {data.get('dim')}, the model's is {self.dim}")
             for name, rec in data["labels"].items():
-                self._sums[name] = np.asarray(rec["sum"], dtype=np.float64)
-                self._counts[name] = int(rec["count"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                total, count = np.asarray(rec["sum"], dtype=np.float64), rec["count"]
+                # checked here, where the file is named: later, a bad entry would fail every clip the labeler scores
+                if total.shape != (self.dim,) or not np.isfinite(total).all():
+                    raise ValueError(f"label {name!r}: 'sum' must be {self.dim} finite numbers")
+                if not isinstance(count, int) or count < 1:
+                    raise ValueError(f"label {name!r}: 'count' must be a whole number >= 1, got {count!r}")
+                sums[name], counts[name] = total, count
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{self.path}: unreadable taught labels: {e}") from e
-        log.info("loaded %d taught labels from %s", len(self._sums), self.path)
+        return sums, counts
 
-    def save(self) -> None:
+    def _change(self, change) -> Any:
+        """`change(sums, counts)` applied to the labels as saved now, saved, then served; returns its result. A
+        failed save (OSError) or an unreadable file (ValueError) changes nothing."""
+        with self._lock:
+            if self.path is None:
+                sums, counts = dict(self._sums), dict(self._counts)
+                result = change(sums, counts)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with locked_folder(self.path.parent):  # another process's change in between would be lost
+                    sums, counts = self._read() if self.path.is_file() else ({}, {})
+                    result = change(sums, counts)
+                    data = {"dim": self.dim, "labels": {n: {"count": counts[n], "sum": sums[n].tolist()}
+                                                        for n in sums}}
+                    atomic_write_text(self.path, json.dumps(data) + "\n")
+                    self._seen = self._identity()
+            self._sums, self._counts, self._matrix = sums, counts, None
+            return result
+
+    def _refresh(self) -> None:
+        """Take a change another process saved (caller holds the lock); an unreadable file keeps what is served."""
         if self.path is None:
             return
-        with self._lock:
-            data = {"dim": self.dim, "labels": {n: {"count": self._counts[n], "sum": self._sums[n].tolist()}
-                                                for n in self._sums}}
-        atomic_write_text(self.path, json.dumps(data) + "\n")
+        try:
+            now = self._identity()
+        except OSError:  # the folder unreadable for now: keep serving what was read
+            return
+        if now == self._seen:
+            return
+        self._seen = now
+        try:
+            self._sums, self._counts = self._read() if now is not None else ({}, {})
+        except ValueError as e:
+            log.warning("keeping the taught labels served: %s", e)
+            return
+        self._matrix = None
+        log.info("taught labels changed on disk: now %d (%s)", len(self._sums), ", ".join(self._sums) or "none")
 
     def add(self, label: str, embeddings: np.ndarray) -> int:
-        """Teach `label` from embeddings [N, C] (adds to what it already knew); returns its clip count."""
+        """Teach `label` from embeddings [N, C] or one [C] (adds to what it already knew) and save; returns its clip
+        count. Raises ValueError for bad embeddings, OSError when the file cannot be written (nothing learnt)."""
         if not label or not label.strip():
             raise ValueError("a taught label needs a non-empty name")
-        emb = np.asarray(embeddings, dtype=np.float64).reshape(-1, self.dim)
+        emb = np.asarray(embeddings, dtype=np.float64)
+        if emb.ndim == 1 and emb.shape == (self.dim,):
+            emb = emb[None]
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings must be [N, {self.dim}], got {list(emb.shape)}")
         if len(emb) == 0:
             raise ValueError(f"no clips to teach {label!r} from")
+        if not np.isfinite(emb).all():
+            raise ValueError(f"embeddings to teach {label!r} from are not all finite")
         unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        with self._lock:
-            self._sums[label] = self._sums.get(label, np.zeros(self.dim)) + unit.sum(axis=0)
-            self._counts[label] = self._counts.get(label, 0) + len(emb)
-            self._matrix = None
-            return self._counts[label]
+
+        def learn(sums: dict, counts: dict) -> int:
+            sums[label] = sums.get(label, np.zeros(self.dim)) + unit.sum(axis=0)
+            counts[label] = counts.get(label, 0) + len(emb)
+            return counts[label]
+
+        return self._change(learn)
 
     def remove(self, label: str) -> bool:
-        with self._lock:
-            self._counts.pop(label, None)
-            self._matrix = None
-            return self._sums.pop(label, None) is not None
+        """Forget `label` and save; False if it was not taught."""
+
+        def forget(sums: dict, counts: dict) -> bool:
+            counts.pop(label, None)
+            return sums.pop(label, None) is not None
+
+        return self._change(forget)
 
     @property
     def names(self) -> list[str]:
-        return list(self._sums)
+        return self.snapshot()[0]
 
     def count(self, label: str) -> int:
         """Clips `label` was taught from (0 if it was not)."""
-        return self._counts.get(label, 0)
+        with self._lock:
+            self._refresh()
+            return self._counts.get(label, 0)
 
     def matrix(self) -> torch.Tensor:
-        """[K_taught, C] unit prototype directions (cached: the labeler asks for them on every clip)."""
+        """[K_taught, C] unit prototype directions, in the order of `names`."""
+        return self.snapshot()[1]
+
+    def snapshot(self) -> tuple[list[str], torch.Tensor]:
+        """(names, [K_taught, C] unit directions) of one moment: the labeler asks on every clip, so the directions
+        are cached and the file is only stat'ed."""
         with self._lock:
+            self._refresh()
             if self._matrix is None:
                 if not self._sums:
                     self._matrix = torch.zeros(0, self.dim)
                 else:
                     m = np.stack([self._sums[n] for n in self._sums])
                     self._matrix = torch.from_numpy(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).float()
-            return self._matrix
+            return list(self._sums), self._matrix
 
 
 def rival(label: str, tops: Sequence[tuple[str, float]], classes: Sequence[str]) -> str | None:
@@ -171,14 +243,14 @@ class Labeler:
         """embedding [C], raw logits [K] or None -> (top-k names best first, their probabilities). A label taught
         under a head class's name adds its probability to that class's: one name, one entry."""
         names, scores = list(self.names), [] if logits is None else [logits.float().cpu()]
-        if self.prototypes is not None and self.prototypes.names:
-            protos = self.prototypes.matrix()
+        taught, protos = self.prototypes.snapshot() if self.prototypes is not None else ([], None)
+        if taught:
             e = embedding.float().cpu()
             if logits is not None:  # imprinted weights on the head's scale
                 scores.append(self._w_norm * (protos @ e) + self._b_mean)
             else:  # cosine classifier
                 scores.append(COSINE_TEMPERATURE * (protos @ (e / e.norm().clamp_min(1e-12))))
-            names += self.prototypes.names
+            names += taught
         if not scores:
             return [], []
         probs = torch.softmax(torch.cat(scores), dim=-1)
@@ -230,7 +302,6 @@ def main(args) -> int:
         if not protos.remove(args.forget):
             raise SystemExit(f"no taught label {args.forget!r} in {protos.path} (taught: "
                              f"{', '.join(protos.names) or 'none'})")
-        protos.save()
         print(f"forgot {args.forget!r} -> {protos.path} ({len(protos.names)} taught labels left)")
         return 0
     if args.bag is not None:

@@ -18,7 +18,6 @@ mmaction2 `label_map_k400.txt` and torchvision's Kinetics-400 categories).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -33,9 +32,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from hiera_perception.atomic import atomic_write, atomic_write_text, leftovers
+from hiera_perception.atomic import atomic_write, atomic_write_text, leftovers, locked_folder
 
 __all__ = [
     "LICENSE",
@@ -202,22 +200,6 @@ def read_record(folder: str | os.PathLike) -> dict[str, dict]:
     return record
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the cache folder itself (no lock file left behind)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the record is still replaced atomically
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def _record_download(folder: Path, filename: str, sha256: str, size: int, url: str) -> None:
     """Add a file to the record; the caller holds the folder's lock."""
     record = read_record(folder)
@@ -363,7 +345,7 @@ def fetch(
     folder.mkdir(parents=True, exist_ok=True)
     # One fetch at a time per cache folder: what another fetch was writing is never taken for a leftover, and
     # two fetches of different files cannot lose each other's record entry.
-    with _locked(folder):
+    with locked_folder(folder):
         for stale in leftovers(dest):  # of a download killed outright
             logger.warning("removing %s, left by an interrupted download (%d bytes)", stale, stale.stat().st_size)
             stale.unlink(missing_ok=True)

@@ -82,7 +82,6 @@ def test_prototypes_add_save_load_round_trip(tmp_path):
     assert protos.add("wave", a) == 3
     assert protos.add("wave", rng.normal(size=(2, 4))) == 5  # reinforcing adds to what it knew
     assert protos.add("nod", rng.normal(size=4)) == 1  # one embedding [C] is one clip
-    protos.save()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # atomic: no temp file left
     data = json.loads(path.read_text())
     assert data["dim"] == 4 and data["labels"]["wave"]["count"] == 5 and data["labels"]["nod"]["count"] == 1
@@ -93,6 +92,7 @@ def test_prototypes_add_save_load_round_trip(tmp_path):
     m = again.matrix()
     assert m.shape == (2, 4) and torch.allclose(m.norm(dim=1), torch.ones(2))
     assert again.remove("nod") and not again.remove("nod") and again.names == ["wave"]
+    assert Prototypes(4, path).names == ["wave"]  # every change is saved
 
 
 def test_prototype_is_the_mean_direction_of_unit_embeddings():
@@ -109,7 +109,6 @@ def test_prototype_file_errors(tmp_path):
     path = tmp_path / "p.json"
     p = Prototypes(4, path)
     p.add("a", np.ones((1, 4)))
-    p.save()
     with pytest.raises(ValueError, match=r"p\.json: unreadable taught labels: embedding size 4, the model's is 8"):
         Prototypes(8, path)
     path.write_text("{not json")
@@ -119,7 +118,82 @@ def test_prototype_file_errors(tmp_path):
         Prototypes(4).add("  ", np.ones((1, 4)))
     with pytest.raises(ValueError, match="no clips to teach 'a'"):
         Prototypes(4).add("a", np.zeros((0, 4)))
-    Prototypes(4).save()  # no path: nothing to write, no error
+    # embeddings of another width were re-sliced into rows of 4 and taught as garbage: [3, 8] became 6 clips
+    with pytest.raises(ValueError, match=r"embeddings must be \[N, 4\], got \[3, 8\]"):
+        Prototypes(4).add("a", np.ones((3, 8)))
+    with pytest.raises(ValueError, match="not all finite"):
+        Prototypes(4).add("a", np.full((1, 4), np.nan))
+
+
+@pytest.mark.parametrize("text, why", [
+    ("[]", "not a JSON object"),
+    ('{"dim": 4, "labels": []}', "not a JSON object"),
+    ('{"dim": 4, "labels": {"x": {"sum": [1, 2, 3], "count": 2}}}', "label 'x': 'sum' must be 4 finite numbers"),
+    ('{"dim": 4, "labels": {"x": {"sum": [1, 2, 3, NaN], "count": 2}}}', "'sum' must be 4 finite numbers"),
+    ('{"dim": 4, "labels": {"x": {"sum": [1, 2, 3, 4], "count": 0}}}', "'count' must be a whole number >= 1"),
+    ('{"dim": 4, "labels": {"x": {"sum": [1, 2, 3, 4]}}}', "'count'"),
+])
+def test_a_malformed_prototypes_file_is_refused_when_read(tmp_path, text, why):
+    """A file that loaded 'fine' with a wrong-length sum made every later clip fail in the labeler (the node
+    published nothing); other shapes were AttributeErrors."""
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"p\.json: unreadable taught labels: .*" + re.escape(why)):
+        Prototypes(4, path)
+
+
+def _teach_many(path: str, prefix: str, n: int) -> None:
+    protos = Prototypes(4, path)
+    for i in range(n):
+        protos.add(f"{prefix}{i}", np.full((1, 4), i + 1.0))
+
+
+def test_processes_sharing_the_file_keep_each_others_labels(tmp_path):
+    """Two nodes serving one model share its taught labels: each saved what it had in memory, so the second to teach
+    erased the first's label (and a running node undid `teach --forget`). A change is made to the file as it is now,
+    and each sees the other's changes at its next clip."""
+    import multiprocessing
+
+    path = tmp_path / "m.prototypes.json"
+    front, rear = Prototypes(4, path), Prototypes(4, path)
+    front.add("alpha", np.ones((2, 4)))
+    rear.add("beta", np.ones((3, 4)))
+    assert json.loads(path.read_text())["labels"].keys() == {"alpha", "beta"}
+    assert front.names == ["alpha", "beta"] and front.count("beta") == 3  # picked up without a restart
+    names, matrix = front.snapshot()
+    assert matrix.shape == (2, 4)
+    assert Prototypes(4, path).remove("alpha")  # `teach --forget alpha` while both run
+    assert front.names == rear.names == ["beta"]
+    path.write_text("{broken")  # an unreadable file keeps what is served, and is named
+    assert front.names == ["beta"]
+    path.unlink()  # removed by hand: nothing taught any more
+    assert front.names == [] and front.matrix().shape == (0, 4)
+
+    # processes teaching at the same time lose nothing (each change is made under the folder's lock)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_teach_many, args=(str(path), prefix, 15)) for prefix in ("a", "b", "c")]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    assert sorted(Prototypes(4, path).names) == sorted(f"{p}{i}" for p in "abc" for i in range(15))
+
+
+def test_what_cannot_be_saved_is_not_learnt(tmp_path):
+    """A failed save left the label served until the next start, then gone, though the caller was told it failed."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    protos = Prototypes(4, blocker / "p.json")  # its folder cannot be made
+    with pytest.raises(OSError):
+        protos.add("a", np.ones((2, 4)))
+    assert protos.names == [] and protos.matrix().shape == (0, 4)
+    ok = Prototypes(4, tmp_path / "p.json")
+    ok.add("a", np.ones((2, 4)))
+    ok.path = blocker / "p.json"
+    with pytest.raises(OSError):
+        ok.remove("a")
+    assert ok.names == ["a"] and ok.count("a") == 2
 
 
 def test_prototypes_path_is_beside_the_model(tmp_path):
