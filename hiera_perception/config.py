@@ -112,6 +112,13 @@ class HieraConfig:
                                  f"q_stride**(len(stages)-1) = {tuple(q ** (len(self.stages) - 1) for q in self.q_stride)}")
         if self.num_heads < 1 or self.embed_dim % self.num_heads:
             raise ValueError(f"{self.name}: embed_dim={self.embed_dim} not divisible by num_heads={self.num_heads}")
+        heads = [self.num_heads]
+        for _ in self.stages[1:]:
+            heads.append(int(heads[-1] * self.head_mul))  # as the model builds them
+        for i, (dim, h) in enumerate(zip(self.stage_dims, heads)):
+            if h < 1 or dim % h:  # each head gets dim / h channels: the forward would fail to reshape
+                raise ValueError(f"{self.name}: stage {i + 1} is {dim} wide with {h} heads (dim_mul={self.dim_mul}, "
+                                 f"head_mul={self.head_mul}): its width must be a multiple of its heads")
 
 
 def config_from_dict(d: dict) -> HieraConfig:

@@ -65,6 +65,10 @@ class Engine:
         self.model.to(self.device).eval()
         self.precision = precision
         cfg = self.model.config
+        if len(cfg.input_size) != 3 or cfg.input_size[1] != cfg.input_size[2]:
+            # frames are cut to their centre square: a [T, H, W] input with H != W would fail on every clip
+            raise ValueError(f"the engine serves video models of square frames, [T, S, S]; {cfg.name} takes "
+                             f"{list(cfg.input_size)}")
         self.num_frames, self.size = cfg.input_size[0], cfg.input_size[1]
         source = getattr(self.model, "source_path", None)
         # a model without a file keeps none unless told where (the node gives it one in the state folder)

@@ -101,6 +101,10 @@ def test_bad_precision_and_frame_count():
     with pytest.raises(ValueError, match="got 9"):
         engine.teach("x", [clip(rng, 64, 64, n=9)])
     assert engine.infer([]) == []  # an empty batch (the encoder could not reshape it: RuntimeError)
+    # a model of non-square frames builds and runs, but the engine cuts frames square: every clip failed
+    wide = Hiera(get_config(TINY, input_size=(8, 64, 128), num_classes=3))
+    with pytest.raises(ValueError, match=r"square frames, \[T, S, S\]; hiera_tiny_8x64 takes \[8, 64, 128\]"):
+        Engine(wide, device="cpu")
 
 
 def test_encoder_version_and_clip_timing(tmp_path):

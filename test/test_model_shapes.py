@@ -156,6 +156,13 @@ def test_stage_widths_round_down_stage_by_stage():
     assert torch.isfinite(HieraMAE(config)(x, mask_ratio=0.75).loss)  # its fusion heads follow stage_dims
 
 
+def test_a_stage_whose_width_its_heads_do_not_divide_is_refused():
+    """48 wide at dim_mul 1.5 gives 48, 72, 108, 162 with heads 2, 4, 8, 16: 108 / 8 built, then failed to reshape
+    in the forward (the official model fails the same way)."""
+    with pytest.raises(ValueError, match="stage 3 is 108 wide with 8 heads .* must be a multiple of its heads"):
+        get_config("hiera_small_8x96", dim_mul=1.5, embed_dim=48, num_heads=2)
+
+
 @pytest.mark.parametrize("ratio", [0.95, 0.0])  # of 16 mask units 0.95 keeps none, 0 masks none
 def test_mask_ratio_that_keeps_or_masks_no_unit_is_named(ratio):
     config = get_config("hiera_tiny_8x64")
