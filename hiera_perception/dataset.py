@@ -109,7 +109,7 @@ def write_video(path: str | Path, frames: np.ndarray | Iterable[np.ndarray], fps
     shape = [] if first is None else list(np.shape(first))
     if len(shape) != 3 or shape[2] != 3 or shape[0] % 2 or shape[1] % 2:
         # OpenCV's writers drop the last row and column of an odd size without a word; no frames: an unreadable file
-        raise ValueError(f"write_video needs RGB frames [H, W, 3] with H and W even, got "
+        raise ValueError("write_video needs RGB frames [H, W, 3] with H and W even, got "
                          + ("no frames" if first is None else str(shape)))
     fourcc = fourcc or video_format()[1]
     fd, tmp = temp_beside(path, keep_suffix=True)  # its own name: two writers of one path never share it

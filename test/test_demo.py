@@ -147,7 +147,6 @@ def test_bad_options_are_one_line_errors(monkeypatch):
 def test_sigterm_stops_the_demo_like_ctrl_c(tmp_path):
     # `timeout`, systemd or `docker stop`: the summary is printed, the children stopped and the temporary folder
     # (parameter files, logs) removed; SIGTERM used to kill the demo outright and leave them.
-    import os
     import signal
     import time
 
