@@ -209,8 +209,9 @@ def _compressed_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
     if head.startswith(b"\xff\xd8"):
         size = _jpeg_size(head)
         # libjpeg returns a grey-filled image with only a warning for a cut file. Cameras may pad after the end
-        # marker; entropy-coded data never holds one (0xFF is stuffed), only an EXIF thumbnail near the start does
-        if b"\xff\xd9" not in data[-4096:].tobytes():
+        # marker (0x00 or 0xFF fill, any amount: a driver may hand over its whole MJPEG buffer); entropy-coded data
+        # never holds one (0xFF is stuffed), only an EXIF thumbnail near the start does
+        if b"\xff\xd9" not in data.tobytes().rstrip(b"\x00\xff")[-4096:]:
             raise BadFrame("truncated", "JPEG without its end marker")
     if size is not None:
         if size[0] <= 0 or size[1] <= 0:

@@ -388,9 +388,12 @@ def test_bad_compressed_reasons(msg_cls):
     png = encode(".png", RGB)
     assert reason_of(compressed_to_rgb, make_compressed("jpeg", b"", cls)) == "empty_data"
     assert reason_of(compressed_to_rgb, make_compressed("jpeg", jpeg[: len(jpeg) // 2], cls)) == "truncated"
-    for pad in (100, 4000):  # an MJPEG camera's padding after the end marker is no truncation
-        padded = compressed_to_rgb(make_compressed("jpeg", jpeg + bytes(pad), cls))
+    # an MJPEG camera's padding after the end marker is no truncation, however long (past 4 kB it was called one)
+    for fill in (bytes(100), bytes(4000), bytes(8192), b"\xff" * 5000, bytes(200_000)):
+        padded = compressed_to_rgb(make_compressed("jpeg", jpeg + fill, cls))
         np.testing.assert_array_equal(padded, compressed_to_rgb(make_compressed("jpeg", jpeg, cls)))
+    assert reason_of(compressed_to_rgb, make_compressed("jpeg", jpeg[: len(jpeg) // 2] + bytes(8192), cls)) == \
+        "truncated"  # a cut frame in a zeroed buffer
     corrupt = jpeg[:2] + bytes(random.Random(0).randrange(256) for _ in range(len(jpeg) - 4)) + jpeg[-2:]
     assert reason_of(compressed_to_rgb, make_compressed("jpeg", corrupt, cls)) == "undecodable"
     assert reason_of(compressed_to_rgb, make_compressed("jpeg", b"not an image at all", cls)) == "undecodable"
