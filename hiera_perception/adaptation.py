@@ -50,6 +50,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -337,9 +338,13 @@ class Adapter:
         if not 0 < kept < units:
             raise ValueError(f"mask_ratio {cfg.mask_ratio} keeps {kept} of {model.config.name}'s {units} mask units: "
                              "MAE needs at least one visible and one masked unit")
+        clip_mb = math.prod(model.config.input_size) * 3 / 2**20  # the clips it trains on: uint8 at the model's size
+        if cfg.min_clips * clip_mb > cfg.replay_mb:  # the replay would never hold enough: no round would ever run
+            raise ValueError(f"replay_mb {cfg.replay_mb:g} holds {int(cfg.replay_mb // clip_mb)} clips of "
+                             f"{model.config.name} ({clip_mb:.2f} MB each), fewer than min_clips {cfg.min_clips}: "
+                             f"raise replay_mb to {cfg.min_clips * clip_mb:.1f} or more, or lower min_clips")
         self.lineage = lineage(self.base)
         self.replay = ReplayBuffer(cfg.replay_mb)
-        self._warned_small_replay = False
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_accept = on_accept
         self.busy = busy
@@ -452,11 +457,6 @@ class Adapter:
     def add_clip(self, frames) -> None:
         """A served clip (frames [S, S, 3] uint8 or an array [T, S, S, 3]) joins the replay buffer."""
         self.replay.add(np.stack(frames) if isinstance(frames, (list, tuple)) else frames)
-        if self.replay.evicted and len(self.replay) < self.config.min_clips and not self._warned_small_replay:
-            self._warned_small_replay = True
-            log.warning("the replay holds %d clips in replay_mb %.0f MB, fewer than min_clips %d: adaptation "
-                        "cannot start; raise replay_mb or lower min_clips", len(self.replay),
-                        self.config.replay_mb, self.config.min_clips)
 
     # ---- the guard ----
     def _pseudo_labels(self, emb: torch.Tensor) -> torch.Tensor:
@@ -786,8 +786,12 @@ class Adapter:
             self.kept.pop()
             path.unlink(missing_ok=True)
             raise
+        chain = {version, *parents}  # what a rollback from the new version walks back through
         while len(self.kept) > self.config.keep_versions:
-            old = self.kept.pop(0)
+            # versions rolled away from go first, then the oldest ancestors: pruning an ancestor of what serves
+            # while keeping abandoned versions made a rollback skip to the base
+            old = next((v for v in self.kept if v not in chain), self.kept[0])
+            self.kept.remove(old)
             try:
                 self._path(old).unlink(missing_ok=True)
             except OSError as e:  # the new version is already published; a stale file only costs space
