@@ -151,8 +151,13 @@ def adapt_offline(
     clips_per_round: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    model_id: str | None = None,
 ) -> AdaptSummary:
     """Adapt `model` (a loaded Hiera, or anything `load_model` takes) on unlabeled clips; write `out` and its PNG.
+
+    The output is a model of its own, `model_id` (default: `out`'s file name): it publishes its own
+    encoder_version and a node serving it keeps its own adaptation folder (under the input's id, its version
+    numbers would name other weights than the input's and a node's resume pointer would be shared).
 
     Each round first streams `clips_per_round` new clips (default: batch_size) into the replay, then runs one
     Adapter round. A model without decoder weights first spends `decoder_warmup_rounds` extra rounds training
@@ -175,7 +180,8 @@ def adapt_offline(
     T, S = model.config.input_size[0], model.config.input_size[1]
     stride = float(getattr(model, "sampling", {}).get("frame_stride_s", 4 / 30))
     stream = clip_stream(T, stride, S, data=data, bag=bag, topic=topic, seed=config.seed)
-    adapter = Adapter(model, config, mae_state=mae_state, version=int(getattr(model, "version", 0)))
+    adapter = Adapter(model, config, mae_state=mae_state, version=int(getattr(model, "version", 0)),
+                      model_id=model_id or Path(out).stem)
     before = copy.deepcopy(adapter.mae)  # the input model with its decoder, for the PNG
     summary = AdaptSummary(Path(out), png_path(out), version=adapter.version)
     total = rounds + (config.decoder_warmup_rounds if adapter.decoder_warmup else 0)
@@ -237,6 +243,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topic", default=None, help="image topic in --bag (default: its only image topic)")
     p.add_argument("--model", default=None, help="model to adapt (default: the embedded one)")
     p.add_argument("--out", required=True, help="adapted checkpoint to write (a PNG goes beside it)")
+    p.add_argument("--model-id", default=None, help="model id stored in the output, published as its encoder_version "
+                   "(default: the --out file's name)")
     p.add_argument("--rounds", type=int, default=10, help="adaptation rounds (default 10)")
     p.add_argument("--clips-per-round", type=int, default=None,
                    help="new clips streamed into the replay before each round (default: --batch-size)")
@@ -275,7 +283,8 @@ def main(args: argparse.Namespace) -> int:
         check_writable(args.out)  # now, not after the rounds
         config = config_from(args, seed=args.seed)
         s = adapt_offline(args.model, args.out, data=args.data, bag=args.bag, topic=args.topic, config=config,
-                          rounds=args.rounds, clips_per_round=args.clips_per_round, device=args.device)
+                          rounds=args.rounds, clips_per_round=args.clips_per_round, device=args.device,
+                          model_id=args.model_id)
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"adapt: {e}") from None
     if args.json:

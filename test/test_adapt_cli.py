@@ -74,14 +74,16 @@ def test_adapt_data_folder_writes_a_model_that_serves_and_adapts_further(data, t
 
     # our checkpoint of the HieraMAE: it serves (clip timing, labels, version), keeps its decoder and head
     ck, before = load_checkpoint(out), load_checkpoint(src)
-    assert ck.model_id == "test" and ck.version == 2 and ck.labels == LABELS
+    # a model of its own: "test@2" would name other weights than the input's own version 2
+    assert ck.model_id == "adapted" and ck.version == 2 and ck.labels == LABELS
     assert ck.extra["sampling"] == {"frame_stride_s": STRIDE} and ck.extra["adaptation"]["accepted"] == 2
     assert any(k.startswith("decoder_") for k in ck.model_state)
     assert torch.equal(ck.model_state["encoder.head.projection.weight"], before.model_state["encoder.head.projection.weight"])
     assert not torch.equal(ck.model_state["encoder.blocks.0.attn.qkv.weight"],
                            before.model_state["encoder.blocks.0.attn.qkv.weight"])
     model = load_model(out, device="cpu")
-    assert (model.model_id, model.version, model.labels, model.sampling) == ("test", 2, LABELS, {"frame_stride_s": STRIDE})
+    assert (model.model_id, model.version, model.labels, model.sampling) == ("adapted", 2, LABELS,
+                                                                             {"frame_stride_s": STRIDE})
     assert model(torch.zeros(1, 3, 8, 64, 64)).logits.shape == (1, 3)
 
     png = cv2.imread(str(out.parent / "adapted.reconstruction.png"))
@@ -90,8 +92,10 @@ def test_adapt_data_folder_writes_a_model_that_serves_and_adapts_further(data, t
     # the output adapts further: numbering goes on
     again = tmp_path / "again.pt"
     rc, summary = run(["--model", str(out), "--data", str(data), "--out", str(again), *FAST[:-4],
-                       "--rounds", "1", "--device", "cpu"], capsys)
-    assert rc == 0 and summary["version"] == 3 and load_model(again, device="cpu").version == 3
+                       "--rounds", "1", "--device", "cpu", "--model-id", "robot_v2"], capsys)
+    assert rc == 0 and summary["version"] == 3
+    again_model = load_model(again, device="cpu")
+    assert (again_model.model_id, again_model.version) == ("robot_v2", 3)
 
 
 def test_model_without_decoder_warms_one_up_first(data, tmp_path, capsys):
