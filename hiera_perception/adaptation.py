@@ -906,6 +906,18 @@ class Adapter:
             return None
         return path
 
+    @staticmethod
+    def resume_chain(out_dir: str | Path) -> list[Path]:
+        """The files a restart may resume, best first: the last accepted version's, then those of the versions it
+        was adapted from that are still kept, newest first (for when a file cannot be read)."""
+        latest = Adapter.latest(out_dir)
+        if latest is None:
+            return []
+        parents = (Adapter._latest_record(out_dir) or {}).get("parents") or []
+        prefix = latest.name[: latest.name.rfind("@")]  # <model_id>@<version>.pt
+        older = (Path(out_dir) / f"{prefix}@{v}.pt" for v in reversed(parents) if isinstance(v, int))
+        return [latest, *(p for p in older if p.is_file())]
+
     # ---- the thread ----
     def start(self) -> None:
         if self._thread is None:

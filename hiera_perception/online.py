@@ -28,7 +28,7 @@ import torch
 
 from hiera_perception.adapt import decoder_state_of
 from hiera_perception.adaptation import AdaptationConfig, Adapter, mismatch
-from hiera_perception.checkpoint import load_checkpoint, load_model
+from hiera_perception.checkpoint import CheckpointError, load_checkpoint, load_model
 from hiera_perception.labeler import default_prototypes_file, rival, safe_name, state_dir
 from hiera_perception.mae import HieraMAE
 from hiera_perception.model import Hiera
@@ -54,16 +54,19 @@ def resume_serving(base: Hiera, out_dir: str | os.PathLike) -> tuple[Hiera, dict
     """(model to serve, its HieraMAE state or None, resumed?): the last accepted version in `out_dir` when it was
     adapted from `base` (the same network and weights), else `base` with the decoder of its own checkpoint. The
     model served is on `base`'s device."""
-    latest = Adapter.latest(out_dir)
-    if latest is not None:
-        ck = load_checkpoint(latest)
+    for path in Adapter.resume_chain(out_dir):
+        try:
+            ck = load_checkpoint(path)
+        except CheckpointError as e:  # one damaged file must not keep the node from starting
+            log.warning("cannot resume %s (%s): trying the version it was adapted from", path.name, e)
+            continue
         if (why := mismatch(ck.extra, ck.config, base)) is not None:
-            log.warning("not resuming %s: %s; starting from the base model (the file stays)", latest, why)
-        else:
-            served = load_model(latest, device=str(next(base.parameters()).device))
-            served.sampling = dict(getattr(base, "sampling", {}))  # the clip timing lives in the base file only
-            log.info("resuming adaptation at %s@%d (%s)", served.model_id, served.version, latest)
-            return served, ck.model_state, True
+            log.warning("not resuming %s: %s; starting from the base model (the file stays)", path, why)
+            break
+        served = load_model(path, device=str(next(base.parameters()).device))
+        served.sampling = dict(getattr(base, "sampling", {}))  # the clip timing lives in the base file only
+        log.info("resuming adaptation at %s@%d (%s)", served.model_id, served.version, path)
+        return served, ck.model_state, True
     return base, decoder_state_of(base), False
 
 

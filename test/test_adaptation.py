@@ -480,6 +480,33 @@ def test_a_failed_rollback_changes_nothing(tmp_path, monkeypatch):
     assert adapter.rollback() == 1  # and it still works once the disk has room
 
 
+def test_a_damaged_version_file_resumes_the_version_before_it(tmp_path, caplog):
+    """One flipped byte in the served version's file stopped the node from starting (a fatal parameter error); a
+    missing file already fell back. Now the newest readable version it was adapted from is resumed, else the base."""
+    from hiera_perception import online
+    from hiera_perception.online import resume_serving
+
+    base = serving_model(0)
+    adapter, _ = make_adapter(tmp_path, base, steps_per_round=1)
+    assert adapter.run_round(wait=False).accepted and adapter.run_round(wait=False).accepted
+    out = tmp_path / "versions"
+    v1 = load_checkpoint(out / "robot@1.pt")
+    raw = bytearray((out / "robot@2.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # inside a weight: the sha256 tells
+    (out / "robot@2.pt").write_bytes(bytes(raw))
+    online.log.addHandler(caplog.handler)
+    try:
+        served, mae_state, resumed = resume_serving(base, out)
+        assert resumed and served.version == 1 and states_equal(served.state_dict(), {
+            k[len("encoder."):]: v for k, v in v1.model_state.items() if k.startswith("encoder.")})
+        assert "cannot resume robot@2.pt" in caplog.text
+        (out / "robot@1.pt").write_bytes(b"garbage")
+        served, _, resumed = resume_serving(base, out)
+        assert served is base and not resumed
+    finally:
+        online.log.removeHandler(caplog.handler)
+
+
 def test_versions_of_another_base_are_neither_resumed_nor_rolled_back_to(tmp_path, caplog):
     """The model file was rebuilt (same model id and network, other weights) or its head changed: the versions
     adapted from the old one stay on disk, but the new base serves and never rolls back onto them."""
