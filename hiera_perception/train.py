@@ -35,10 +35,13 @@ files and shows progress.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +275,25 @@ def _feature_stats(enc: Hiera, clips: "_Keyed", classes: list[str], labels: list
             yield x, (torch.tensor([head[n] for n in names]) if head and all(n in head for n in names) else None)
 
     return feature_stats(enc, batches())
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Ctrl-C inside waits for the end of the block: an optimizer update and its step count are one, so the
+    checkpoint Ctrl-C writes is a step boundary (interrupted between the two, it held step s+1's weights and Adam
+    moments under step s, and a resume repeated a step). Main thread only; elsewhere a plain block."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _set_frozen(model: Hiera, frozen: bool) -> None:
@@ -529,9 +551,10 @@ def _train(args, command: str, procs: _Procs) -> TrainResult:
                 loss.backward()
                 if args.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], args.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                step += 1
+                with _deferred_interrupt():
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
                 value = loss.detach()
                 if procs.world > 1:
                     dist.all_reduce(value)

@@ -244,6 +244,36 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(pretrained, data, tmp_path, monkeyp
     assert rest.complete and rest.step == 6 and len(rest.losses) == 3
 
 
+def test_ctrl_c_during_the_update_saves_the_step_it_finishes(pretrained, data, tmp_path, monkeypatch):
+    """A real SIGINT just after the 4th optimizer update: it used to be raised before the step was counted, so the
+    checkpoint held step 4's weights and Adam moments as step 3 and the resume trained step 4 twice. The update and
+    its count are one now: the checkpoint is step 4 and the resume ends where the uninterrupted run does."""
+    import signal
+
+    common = ["--data", str(data), "--init", str(pretrained[0]), "--steps", "6", "--batch", "4", "--seed", "5"]
+    full = train(make_args("finetune", *common, "--out", str(tmp_path / "full.pt")))
+    real, calls = torch.optim.AdamW.step, []
+
+    def step_then_ctrl_c(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered here, inside the update
+        return out
+
+    out = tmp_path / "ft.pt"
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_args("finetune", *common, "--out", str(out)))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    assert load_checkpoint(out).extra["train_state"]["step"] == 4
+    rest = train(make_args("finetune", *common, "--out", str(out), "--resume"))
+    assert rest.complete and rest.losses == full.losses[4:]
+    a, b = load_checkpoint(tmp_path / "full.pt").model_state, load_checkpoint(out).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_cache_frames_trains_the_same_weights(pretrained, data, tmp_path):
     """8 steps of 4 over 16 clips: the second epoch's clips come from the cache, and every loss and weight
     equals those of the run that decodes each clip from its video."""
