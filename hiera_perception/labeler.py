@@ -105,8 +105,9 @@ class Prototypes:
         return sums, counts
 
     def _change(self, change) -> Any:
-        """`change(sums, counts)` applied to the labels as saved now, saved, then served; returns its result. A
-        failed save (OSError) or an unreadable file (ValueError) changes nothing."""
+        """`change(sums, counts)` applied to the labels as saved now, saved, then served; returns its result, falsy
+        when it changed nothing (then nothing is written). A failed save (OSError) or an unreadable file
+        (ValueError) changes nothing."""
         with self._lock:
             if self.path is None:
                 sums, counts = dict(self._sums), dict(self._counts)
@@ -114,12 +115,14 @@ class Prototypes:
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with locked_folder(self.path.parent):  # another process's change in between would be lost
-                    sums, counts = self._read() if self.path.is_file() else ({}, {})
-                    result = change(sums, counts)
-                    data = {"dim": self.dim, "labels": {n: {"count": counts[n], "sum": sums[n].tolist()}
-                                                        for n in sums}}
-                    atomic_write_text(self.path, json.dumps(data) + "\n")
                     self._seen = self._identity()
+                    sums, counts = self._read() if self._seen is not None else ({}, {})
+                    result = change(sums, counts)
+                    if result:
+                        data = {"dim": self.dim, "labels": {n: {"count": counts[n], "sum": sums[n].tolist()}
+                                                            for n in sums}}
+                        atomic_write_text(self.path, json.dumps(data) + "\n")
+                        self._seen = self._identity()
             self._sums, self._counts, self._matrix = sums, counts, None
             return result
 
@@ -166,7 +169,9 @@ class Prototypes:
         return self._change(learn)
 
     def remove(self, label: str) -> bool:
-        """Forget `label` and save; False if it was not taught."""
+        """Forget `label` and save; False if it was not taught (nothing is written, nor a folder made)."""
+        if label not in self.names and (self.path is None or not self.path.is_file()):
+            return False
 
         def forget(sums: dict, counts: dict) -> bool:
             counts.pop(label, None)

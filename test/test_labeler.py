@@ -180,6 +180,19 @@ def test_processes_sharing_the_file_keep_each_others_labels(tmp_path):
     assert sorted(Prototypes(4, path).names) == sorted(f"{p}{i}" for p in "abc" for i in range(15))
 
 
+def test_forgetting_a_label_never_taught_writes_nothing(tmp_path):
+    """`teach --forget typo` created the file (and its folder), or failed on a read-only one instead of saying the
+    label is not there."""
+    path = tmp_path / "new" / "p.json"
+    assert not Prototypes(4, path).remove("typo") and not path.parent.exists()
+    protos = Prototypes(4, tmp_path / "p.json")
+    protos.add("a", np.ones((1, 4)))
+    before = (tmp_path / "p.json").stat()
+    assert not protos.remove("typo")
+    after = (tmp_path / "p.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+
+
 def test_what_cannot_be_saved_is_not_learnt(tmp_path):
     """A failed save left the label served until the next start, then gone, though the caller was told it failed."""
     blocker = tmp_path / "file"
