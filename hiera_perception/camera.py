@@ -41,12 +41,13 @@ from std_msgs.msg import String
 
 from hiera_perception.ros_params import declare_all, describe, on_parameters, spin_node, warn_unknown_parameters
 from hiera_perception.synth import SEGMENT_S, SyntheticCamera
-from hiera_perception.video import check_video_file
+from hiera_perception.video import FrameReader, check_video_file
 
 __all__ = ["CameraPublisher", "CameraConfig", "format_true_action", "parse_true_action", "node_main",
            "add_arguments", "main"]
 
 NODE_NAME = "camera_publisher"
+log = logging.getLogger(__name__)
 MAX_FPS = 240.0
 MIN_FPS = 0.01  # a frame every 100 s; far slower overflows the timer's integer nanoseconds
 _WARN_EVERY_S = 5.0
@@ -97,8 +98,8 @@ def _source_fps(cap: cv2.VideoCapture) -> float:
 class _VideoSource:
     def __init__(self, path: str, loop: bool):
         self.path, self.loop = path, loop
-        self._cap = self._open()
-        self.fps = _source_fps(self._cap)
+        self._frames = FrameReader(self._open())
+        self.fps = _source_fps(self._frames.cap)
         self.ended = False
 
     def _open(self) -> cv2.VideoCapture:
@@ -109,23 +110,26 @@ class _VideoSource:
         return cap
 
     def read(self) -> tuple[np.ndarray | None, str | None]:
-        ok, bgr = self._cap.read()
-        if not ok and self.loop:
+        frame = self._frames.read()  # past undecodable frames: one glitch no longer ends (or restarts) the file
+        if frame is None and self.loop:
             # Reopening is what works for every container; seeking to frame 0 does not in some.
-            self._cap.release()
+            self.close()
             try:
-                self._cap = self._open()
+                self._frames = FrameReader(self._open())
             except ValueError:  # the file went away or broke while it played: a failed read, tried again next tick
-                self._cap = cv2.VideoCapture()
+                self._frames = FrameReader(cv2.VideoCapture())
                 return None, None
-            ok, bgr = self._cap.read()
-        if not ok:
+            frame = self._frames.read()
+        if frame is None:
             self.ended = True
             return None, None
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
+        return frame[1], None
 
     def close(self) -> None:
-        self._cap.release()
+        if self._frames.skipped:
+            log.warning("%s: skipped %d undecodable frame(s)", self.path, self._frames.skipped)
+            self._frames.skipped = 0
+        self._frames.cap.release()
 
 
 class _WebcamSource:
@@ -432,7 +436,7 @@ def main(args: argparse.Namespace) -> int:
         validate_topic_name(args.topic)
     except InvalidTopicNameException:
         raise ValueError(f"--topic {args.topic!r} is not a valid ROS topic name") from None
-    logging.getLogger(__name__).info("publishing on %s until Ctrl-C", args.topic)
+    log.info("publishing on %s until Ctrl-C", args.topic)
     # The node publishes on `image`; --topic is a remap, exactly what `--ros-args -r image:=TOPIC` does.
     return run([], parameter_overrides=params, cli_args=["--ros-args", "-r", f"image:={args.topic}"])
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 
-__all__ = ["check_video_file", "iter_frames", "video_fps"]
+__all__ = ["check_video_file", "iter_frames", "video_fps", "FrameReader"]
+
+log = logging.getLogger(__name__)
+MAX_BAD_FRAMES = 30  # undecodable frames in a row taken for the end, where the container does not count its frames
 
 
 def check_video_file(path: str | Path) -> Path:
@@ -35,32 +39,70 @@ def video_fps(path: str | Path) -> float:
     return fps
 
 
+class FrameReader:
+    """Frames of an open capture one by one, past undecodable ones: a damaged frame mid-file (a glitch in an
+    MJPEG stream, a broken GOP) is skipped and counted, not taken for the end of the file. The end is where the
+    container's frame count says, or MAX_BAD_FRAMES failures in a row where it does not count (raw MJPEG reports
+    nonsense)."""
+
+    def __init__(self, cap: cv2.VideoCapture):
+        self.cap = cap
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        self.count = int(count) if 0 < count < 1e8 else None
+        self.index = 0  # of the next frame in the file
+        self.skipped = 0
+
+    def _more(self, bad: int) -> bool:
+        return self.index < self.count if self.count is not None else bad < MAX_BAD_FRAMES
+
+    def grab(self) -> int | None:
+        """Move to the next decodable frame; its index, or None at the end."""
+        bad = 0
+        while not self.cap.grab():
+            bad += 1
+            self.index += 1
+            if not self._more(bad):
+                return None
+        self.skipped += bad
+        self.index += 1
+        return self.index - 1
+
+    def read(self) -> tuple[int, np.ndarray] | None:
+        """(index, RGB uint8 [H, W, 3]) of the next decodable frame, or None at the end."""
+        while (index := self.grab()) is not None:
+            ok, bgr = self.cap.retrieve()
+            if ok:
+                return index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            self.skipped += 1
+        return None
+
+
 def iter_frames(path: str | Path, wanted: Callable[[float, float], bool] | None = None
                 ) -> Iterator[tuple[float, np.ndarray | None]]:
     """Yield (stamp in seconds from the start, RGB uint8 [H, W, 3]) for each decodable frame.
 
     Stamps come from the frame index and the file's frame rate (30 when the file does not say),
-    which is what every container OpenCV reads can give reliably. With `wanted(stamp, next_stamp)`, a
-    frame it refuses is decoded but not converted or copied out, and comes as (stamp, None): a training
-    clip reads 8 of some 45 frames.
+    which is what every container OpenCV reads can give reliably; an undecodable frame is skipped (its stamp
+    too) and counted in a warning. With `wanted(stamp, next_stamp)`, a frame it refuses is decoded but not
+    converted or copied out, and comes as (stamp, None): a training clip reads 8 of some 45 frames.
     """
     cap, fps = _open(path)
+    frames = FrameReader(cap)
     try:
-        index = 0
-        while True:
-            if not cap.grab():  # grab + retrieve is what read() does
-                break
+        while (index := frames.grab()) is not None:
             stamp = index / fps
-            index += 1
-            if wanted is not None and not wanted(stamp, index / fps):
+            if wanted is not None and not wanted(stamp, (index + 1) / fps):
                 yield stamp, None
                 continue
             ok, bgr = cap.retrieve()
             if not ok:
-                break
+                frames.skipped += 1
+                continue
             yield stamp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     finally:
         cap.release()
+        if frames.skipped:
+            log.warning("%s: skipped %d undecodable frame(s)", path, frames.skipped)
 
 
 # ---------------------------------------------------------------------------------------------------

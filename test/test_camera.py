@@ -157,6 +157,22 @@ def test_a_looping_video_that_becomes_unreadable_is_a_failed_read_not_a_crash(vi
     source.close()
 
 
+def test_a_damaged_frame_is_skipped_not_the_end_of_the_video(tmp_path):
+    """publish stopped at the first undecodable frame, and with --loop replayed the frames before it forever."""
+    from test_dataset import glitched_mjpeg
+
+    from hiera_perception.camera import _VideoSource
+
+    path = tmp_path / "glitch.avi"
+    glitched_mjpeg(path, n=30, bad=10)
+    once = _VideoSource(str(path), loop=False)
+    assert sum(once.read()[0] is not None for _ in range(31)) == 29 and once.ended
+    once.close()
+    looping = _VideoSource(str(path), loop=True)
+    assert sum(looping.read()[0] is not None for _ in range(3 * 29)) == 3 * 29 and not looping.ended
+    looping.close()
+
+
 def test_publish_names_a_missing_video_as_run_does(tmp_path, capsys):
     from hiera_perception import cli
 

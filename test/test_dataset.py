@@ -48,6 +48,42 @@ def test_load_clip_takes_the_last_frame_at_or_before_each_sample_time(folder):
     np.testing.assert_array_equal(clip, np.stack(frames))
 
 
+def glitched_mjpeg(path: Path, n: int = 30, bad: int = 10) -> list[np.ndarray]:
+    """An MJPG .avi of n frames whose frame `bad` has its start zeroed (OpenCV fails on that frame alone, as on a
+    camera recording with one damaged frame); returns the frames written."""
+    from hiera_perception.dataset import write_video
+
+    rng = np.random.default_rng(3)
+    frames = [np.ascontiguousarray(np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 4, 0), 4, 1))
+              for _ in range(n)]
+    write_video(path, np.stack(frames), 10.0, "MJPG")
+    raw = bytearray(path.read_bytes())
+    starts = [m.start() for m in re.finditer(b"\xff\xd8\xff", bytes(raw))]
+    assert len(starts) == n
+    raw[starts[bad] : starts[bad] + 400] = bytes(400)  # its headers and tables: OpenCV fails on it
+    path.write_bytes(bytes(raw))
+    return frames
+
+
+def test_one_undecodable_frame_is_skipped_not_taken_for_the_end(tmp_path, caplog):
+    """A damaged frame mid-file ended it: `run` called a 3 s video too short, `eval` stopped, `publish` played 10
+    frames (and looped over them)."""
+    path = tmp_path / "glitch.avi"
+    frames = glitched_mjpeg(path)
+    from hiera_perception import video
+
+    video.log.addHandler(caplog.handler)  # the package's loggers may not propagate to the root under the ROS tests
+    try:
+        got = list(iter_frames(path))
+    finally:
+        video.log.removeHandler(caplog.handler)
+    assert [round(t * 10) for t, _ in got] == [i for i in range(30) if i != 10]  # frame 10's stamp is the gap
+    for (t, frame) in got:  # the rest exactly, on their own stamps
+        assert np.abs(frame.astype(int) - frames[round(t * 10)]).mean() < 8  # MJPG is lossy
+    assert "glitch.avi: skipped 1 undecodable frame(s)" in caplog.text
+    assert [round(t * 10) for t, f in iter_frames(path, lambda t, nxt: False)] == [i for i in range(30) if i != 10]
+
+
 def test_iter_frames_skips_what_is_not_wanted_and_keeps_the_rest_exact(folder):
     path = read_labels_csv(folder)[2].path
     frames = all_frames(path)
