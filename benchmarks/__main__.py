@@ -29,7 +29,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    importlib.import_module(f"benchmarks.{args.benchmark}").main(args)
+    try:
+        importlib.import_module(f"benchmarks.{args.benchmark}").main(args)
+    except (ValueError, OSError, ImportError) as e:  # a bad model, config or results file: one line, as the CLI says it
+        print(f"python -m benchmarks {args.benchmark}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -21,6 +22,16 @@ from hiera_perception.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `least` (`--repeats 0` failed deep inside with an IndexError)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return parse
 
 
 def _version(dist: str) -> str | None:

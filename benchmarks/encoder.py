@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from benchmarks.common import interleaved, oracle, write_result
+from benchmarks.common import count, interleaved, oracle, write_result
 from hiera_perception.config import get_config
 from hiera_perception.cuda_graph import CudaGraph
 from hiera_perception.model import Hiera
@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="results file name (default encoder_<device>_<precision>)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=count(1), default=10)
+    p.add_argument("--warmup", type=count(0), default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     p.add_argument("--cuda-graph", action="store_true", help="also time ours replayed from a CUDA graph (GPU)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")

@@ -135,6 +135,9 @@ def run(args) -> dict:
             infer_ms.append((t1 - t0) * 1e3)
             lat_ms.append((t1 - t_push) * 1e3)
     wall = time.perf_counter() - t_start
+    if not lat_ms:
+        raise ValueError(f"no clip completed in --seconds {args.seconds:g} at --fps {args.fps:g}: a clip spans "
+                         f"{(engine.num_frames - 1) * engine.frame_stride_s:.2f} s; give it longer")
     mem.append((wall, rss_mb()))
     if cuda:
         gpu.append(gpu_mb())

@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from benchmarks.common import interleaved, oracle, write_result
+from benchmarks.common import count, interleaved, oracle, write_result
 from hiera_perception.checkpoint import filter_official_state_dict
 from hiera_perception.config import get_config
 from hiera_perception.cuda_graph import CudaGraphStep
@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-ratio", type=float, default=0.9)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--repeats", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=count(1), default=6)
+    p.add_argument("--warmup", type=count(0), default=1)
     p.add_argument("--name", default=None, help="results file name (default mae_step_<device>_<precision>)")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the forward")
     p.add_argument("--cuda-graph", action="store_true",

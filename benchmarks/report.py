@@ -71,9 +71,14 @@ def render(folder: Path) -> str:
     # Blocks in file order: a speed table per file; table files of one kind on one machine share a block.
     # A subfolder holds another machine's set (benchmarks/results/h200/): its blocks follow the top level's.
     blocks: dict[tuple, list[tuple[str, dict]]] = {}
+    folder = folder.resolve()
+    shown = folder.relative_to(REPO).as_posix() if folder.is_relative_to(REPO) else str(folder)  # in the captions
     for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*.json")):
         rel = path.relative_to(folder).as_posix()
-        res = json.loads(path.read_text())
+        try:
+            res = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: not a results file: {e}") from None
         name = res.get("benchmark", path.stem)
         if name.startswith(tuple(SPEED_TITLES)) or "table" in res:
             m = res["machine"]
@@ -85,7 +90,7 @@ def render(folder: Path) -> str:
         name, res = items[0][1].get("benchmark", items[0][0]), items[0][1]
         title = next((t for prefix, t in SPEED_TITLES.items() if name.startswith(prefix)), None)
         out += _speed_table(res, title) if title else _generic_table(items)
-        out += ["<sub>from " + ", ".join(f"`benchmarks/results/{n}`" for n, _ in items) + "</sub>", ""]
+        out += ["<sub>from " + ", ".join(f"`{shown}/{n}`" for n, _ in items) + "</sub>", ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -175,3 +175,22 @@ def test_verbose_flag_before_bench_reaches_the_benchmarks(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["-v", "bench", "--help"])
     assert e.value.code == 0 and "engine" in capsys.readouterr().out
+
+
+def test_bench_errors_are_one_line(tmp_path, capsys):
+    """A bad config, model, repeat count or results file printed a traceback (an IndexError for --repeats 0, a
+    TypeError for an engine run too short for one clip)."""
+    cases = [(["encoder", "--configs", "nope"], "python -m benchmarks encoder: unknown model config 'nope'"),
+             (["engine", "--seconds", "0.1", "--out", str(tmp_path)],
+              "python -m benchmarks engine: no clip completed in --seconds 0.1 at --fps 30")]
+    (tmp_path / "broken.json").write_text("{x")
+    cases.append((["report", "--results", str(tmp_path)], f"python -m benchmarks report: {tmp_path / 'broken.json'}: "
+                                                           "not a results file"))
+    for argv, line in cases:
+        assert cli.main(["bench", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(line) and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "encoder", "--repeats", "0"])
+    assert e.value.code == 2 and "--repeats: must be >= 1, got 0" in capsys.readouterr().err
+    assert not list(tmp_path.glob("engine_*"))  # no results file for a run that timed nothing
