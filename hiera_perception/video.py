@@ -12,6 +12,7 @@ import numpy as np
 __all__ = ["check_video_file", "iter_frames", "video_fps", "FrameReader"]
 
 log = logging.getLogger(__name__)
+MIN_STEP_S = 1e-3  # the least --frame-stride / --hop of `run`
 MAX_BAD_FRAMES = 30  # undecodable frames in a row taken for the end, where the container does not count its frames
 
 
@@ -139,8 +140,9 @@ def main(args) -> int:
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     for flag, value in (("--frame-stride", args.frame_stride), ("--hop", args.hop)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{flag} must be > 0, got {value}")
+        # a millisecond: below it one frame completes thousands of identical clips (1e-9 asked for terabytes)
+        if value is not None and not value >= MIN_STEP_S:
+            raise ValueError(f"{flag} must be at least {MIN_STEP_S:g} s, got {value}")
     engine = Engine(load_model(args.model, arch=args.arch, device=args.device), args.device, args.precision, args.top_k,
                     prototypes_file=args.prototypes)
     stride = args.frame_stride or engine.frame_stride_s
@@ -156,10 +158,10 @@ def main(args) -> int:
     n = 0
 
     def flush() -> None:
+        """The pending clips through the model, --batch at a time (one frame can complete several clips)."""
         nonlocal n
-        if not pending:  # the last batch ended exactly on a clip, or the video held none
-            return
-        for clip, res in zip(pending, engine.infer([c.frames for c in pending])):
+        batch = pending[: args.batch]  # none: the last batch ended exactly on a clip, or the video held none
+        for clip, res in zip(batch, engine.infer([c.frames for c in batch])):
             n += 1
             if args.json:
                 print(json.dumps({"clip": n, "start": round(clip.clip_start, 4), "end": round(clip.header_stamp, 4),
@@ -168,14 +170,15 @@ def main(args) -> int:
             else:
                 top = ", ".join(f"{label} {score:.2f}" for label, score in zip(res.labels, res.scores)) or "(no head)"
                 print(f"{clip.clip_start:8.2f}-{clip.header_stamp:6.2f}s  {top}")
-        pending.clear()
+        del pending[: len(batch)]
 
     for stamp, frame in tqdm(iter_frames(args.video), total=total, unit="frame", desc="run", file=sys.stderr,
                              disable=None):
         pending.extend(buffer.push(stamp, frame))
-        if len(pending) >= args.batch:
+        while len(pending) >= args.batch:
             flush()
-    flush()
+    while pending:
+        flush()
     if n == 0:
         print(f"{args.video}: too short for one clip of {engine.num_frames} frames every {stride:.3f}s",
               file=sys.stderr)

@@ -107,6 +107,25 @@ def test_explicit_stride_and_hop_sample_and_hold(tmp_path, capsys, model_file):
         assert len(row["labels"]) == 2 and len(row["embedding"]) == 256
 
 
+def test_clips_go_to_the_model_batch_by_batch_however_many_one_frame_completes(tmp_path, capsys, model_file,
+                                                                                monkeypatch):
+    """A hop far below the frame interval makes one frame complete many clips: they all went to the model at once,
+    whatever --batch said."""
+    from hiera_perception.engine import Engine
+
+    video = make_video(tmp_path, 31, seed=2)
+    sizes, real = [], Engine.infer
+
+    def infer(self, clips):
+        sizes.append(len(clips))
+        return real(self, clips)
+
+    monkeypatch.setattr(Engine, "infer", infer)
+    rows = run_json(capsys, ["--model", str(model_file), "--video", str(video), "--hop", "0.01", "--batch", "4"])
+    assert len(rows) == sum(sizes) > 4 * 15 and max(sizes) == 4  # ~6.7 clips a frame at 15 fps, 4 at a time
+    assert [r["clip"] for r in rows] == list(range(1, len(rows) + 1))
+
+
 def test_text_mode_prints_one_line_per_clip(tmp_path, capsys, model_file):
     video = make_video(tmp_path, 40, seed=2)
     assert cli.main(["run", "--model", str(model_file), "--video", str(video), "--device", "cpu", "--top-k", "2"]) == 0
@@ -156,8 +175,9 @@ def test_bad_input_is_one_line_on_stderr_and_exit_1(tmp_path, capsys, model_file
         (["--video", str(tmp_path / "missing.mp4")], "video file not found"),
         (["--video", str(corrupt)], "OpenCV cannot open video"),
         (["--video", str(video), "--model", str(tmp_path / "none.pt")], "is neither a file"),
-        (["--video", str(video), "--frame-stride", "0"], "--frame-stride must be > 0, got 0.0"),
-        (["--video", str(video), "--hop", "-1"], "--hop must be > 0, got -1.0"),
+        (["--video", str(video), "--frame-stride", "0"], "--frame-stride must be at least 0.001 s, got 0.0"),
+        (["--video", str(video), "--hop", "-1"], "--hop must be at least 0.001 s, got -1.0"),
+        (["--video", str(video), "--hop", "1e-9"], "--hop must be at least 0.001 s, got 1e-09"),  # asked for TB
         (["--video", str(video), "--batch", "0"], "--batch must be >= 1, got 0"),
         (["--video", str(video), "--top-k", "0"], "top_k must be >= 1"),
     ]
