@@ -378,7 +378,9 @@ def load_model(source: str | os.PathLike | None = None, arch: str | None = None,
                         name, name, name, RANDOM_SUFFIX)
         else:
             log.warning("model %s: random weights, no checkpoint", source)
-        model = Hiera(get_config(name))
+        with torch.random.fork_rng(devices=[]):  # the same weights in every process: one id, one set of weights
+            torch.manual_seed(0)
+            model = Hiera(get_config(name))
         model_id, version, trained = f"{name}{RANDOM_SUFFIX}", 0, False  # never the id or labels of trained weights
     else:
         raise ValueError(

@@ -372,6 +372,12 @@ def test_config_name_gives_random_weights_with_a_warning(caplog):
     assert isinstance(model, Hiera) and model.config == CONFIGS[TINY]
     assert model.model_id == f"{TINY}-random" and model.version == 0 and model.labels == []  # not a trained model's
     assert model.source_path is None
+    # the same weights in every process, whatever the global RNG did before (one id must mean one set of weights:
+    # taught labels and published embeddings of "<config>-random@0" were another model's in the next run)
+    torch.manual_seed(123)
+    again = load_model(f"{TINY}-random", device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert torch.initial_seed() == 123  # the caller's RNG is left alone
 
 
 def test_random_weights_of_an_official_config_do_not_pass_for_the_model(tmp_path, monkeypatch, caplog, request):
