@@ -22,7 +22,13 @@ The objective is the MAE loss plus, when the model carries its training clips' e
 camera's embedding statistics to them: the per-dimension mean and variance of the step's batch, and the
 mean of the clips the head confidently gives each class (pseudo-labels) against that class's training
 mean, each a running average over the camera's batches that lives across rounds (a rejected round's batches
-leave it) (TTT++; the class term as in TTAC, Su et al., NeurIPS 2022). MAE alone lowered its loss but not
+leave it) (TTT++; the class term as in TTAC, Su et al., NeurIPS 2022). The mean and variance are compared with
+what the training clips would have in the camera's class mix (the head's probabilities, averaged), not in their
+own: a robot's camera shows one action for minutes, and pulling its statistics to those of all the actions
+together moved features the head reads. On a clean camera showing only idle (the embedded model, 12 videos), one
+round aligned to the training mix passed the guard and took accuracy on those clips from 92 to 48%; with the mix's
+target every round was rejected and accuracy stayed. The guard judges the probe set against the mix of the original
+model's view of it, fixed with the probe set. MAE alone lowered its loss but not
 the error on this package's embedded model when it was trained supervised only: its steps moved features
 the head reads (TTT++ saw the same). The alignment keeps what the head reads where training left it; MAE
 keeps the encoder describing the new images. `align_weight: 0` is MAE alone. The embedded model is now
@@ -122,7 +128,7 @@ def _stage_stats(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def feature_stats(model: Hiera, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> dict:
     """Statistics of `model`'s embeddings over (input [B, 3, T, H, W], head class index [B] or None) batches:
     per-dimension mean and variance, and with labels each head class's mean embedding ("class_mean", None for
-    a class without clips). What adaptation aligns the camera's embeddings with (JSON-able, kept in extra)."""
+    a class without clips) and clip count ("class_clips"). What adaptation aligns the camera's embeddings with (JSON-able, kept in extra)."""
     was_training = model.training
     model.eval()
     embs, moments, ys = [], [], []
@@ -142,6 +148,7 @@ def feature_stats(model: Hiera, batches: Iterable[tuple[torch.Tensor, torch.Tens
         y = torch.cat(ys)
         stats["class_mean"] = [emb[y == k].mean(0).tolist() if bool((y == k).any()) else None
                                for k in range(model.config.num_classes)]
+        stats["class_clips"] = [int((y == k).sum()) for k in range(model.config.num_classes)]
     return stats
 
 
@@ -363,6 +370,18 @@ class Adapter:
                 dim = len(self.feature_stats["mean"])
                 means = torch.tensor([m or [0.0] * dim for m in class_mean], device=self.device)
                 self._class_source = (means, known)
+                # The (mean, var) target holds for the training clips' class mix (balanced: each known class
+                # alike). A camera showing other proportions, one action for minutes, has other statistics with
+                # nothing to correct: aligned to the mix, one round took the embedded model on a clean camera that
+                # showed only idle from 92 to 48% on its own clips. So the target is that of the camera's class mix
+                # (`_target`): each class keeps its training mean, and the spread within a class is what the
+                # training variance leaves once the class means' spread is taken out.
+                clips = self.feature_stats.get("class_clips")  # the mix itself; older files: balanced
+                prior = (torch.tensor(clips, dtype=torch.float32, device=self.device) if clips and len(clips) == len(
+                    class_mean) else known.float())
+                prior = prior / prior.sum()
+                between = (prior[:, None] * (means - self._source[0]) ** 2).sum(0)
+                self._within = (self._source[1] - between).clamp_min(0)
         elif cfg.align_weight > 0:
             log.info("%s carries no feature_stats (train writes them): adapting with the MAE loss alone",
                      getattr(model, "model_id", model.config.name))
@@ -375,6 +394,8 @@ class Adapter:
         self._running: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, variance
         self._running_class: torch.Tensor | None = None  # [K, C] mean per pseudo-label
         self._probe_classes: torch.Tensor | None = None  # the probe clips' pseudo-labels then (-1: unsure)
+        self._probe_mix: torch.Tensor | None = None  # [K] the probe clips' class mix by the original model
+        self._running_mix: torch.Tensor | None = None  # [K] running class mix of the camera's batches
         self.version = version
         self.enabled = threading.Event()
         self.enabled.set()
@@ -466,6 +487,22 @@ class Adapter:
             conf, k = self.mae.encoder.forward_head(emb).float().softmax(-1).max(-1)
         return torch.where((conf >= CONFIDENT) & self._class_source[1][k], k, -1)
 
+    def _class_mix(self, emb: torch.Tensor) -> torch.Tensor:
+        """[N, C] embeddings -> [K] their class mix: the head's probabilities over the known classes, averaged."""
+        with torch.no_grad():
+            p = self.mae.encoder.forward_head(emb).float().softmax(-1) * self._class_source[1]
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+        return p.mean(0)
+
+    def _target(self, mix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings' (mean, var) the training clips would have in the class mix `mix` [K] (None: their own):
+        the mix of the class means, and the within-class spread plus the class means' spread about it."""
+        if mix is None or self._class_source is None:
+            return self._source
+        means = self._class_source[0]
+        mean = mix @ means
+        return mean, self._within + (mix[:, None] * (means - mean) ** 2).sum(0)
+
     @torch.no_grad()
     def _probe_scores(self, wait: bool = False) -> tuple[float, float, float, torch.Tensor, list[torch.Tensor]]:
         """The shadow's (objective, its MAE part, mean embedding cosine to the original model, embeddings [N, C],
@@ -491,9 +528,11 @@ class Adapter:
         self.mae.train()
         if first:
             self._probe_ref = torch.stack(refs)
+            # fixed with the probe set, by the original model: every round is judged against the same target
+            self._probe_mix = self._class_mix(self._probe_ref) if self._class_source is not None else None
         mae, e = float(np.mean(losses)), torch.stack(embs)
         moments = [torch.cat(m) for m in zip(*moments)]
-        align = self._alignment((e.mean(0), e.var(0)), [_stage_stats(m) for m in moments])
+        align = self._alignment((e.mean(0), e.var(0)), [_stage_stats(m) for m in moments], mix=self._probe_mix)
         return mae + align.item(), mae, float(np.mean(cos)), e, moments
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -508,6 +547,7 @@ class Adapter:
         from the deployed version's probe embeddings `e` [N, C], per pseudo-label too."""
         if self._source is not None and self._running is None:
             self._running = e.mean(0), e.var(0)
+            self._running_mix = self._probe_mix
         if self._stage_source is not None and self._running_stages is None:
             self._running_stages = [_stage_stats(m) for m in moments]
         if self._class_source is not None and self._running_class is None:
@@ -519,16 +559,17 @@ class Adapter:
                 self._running_class[k] = e[self._probe_classes == k].mean(0)
 
     def _alignment(self, emb_stats: tuple[torch.Tensor, torch.Tensor], stage_stats: list | None,
-                   class_terms: Iterable[torch.Tensor] = ()) -> torch.Tensor:
+                   class_terms: Iterable[torch.Tensor] = (), mix: torch.Tensor | None = None) -> torch.Tensor:
         """The alignment terms of the objective, from statistics of the camera's clips: stage_weight x each stage's
-        (mean, var) distance to the source's, and align_weight x (the embeddings' (mean, var) distance + the
-        class terms). The guard judges it on the probe set, each step trains on it with running statistics."""
+        (mean, var) distance to the source's, and align_weight x (the embeddings' (mean, var) distance to the
+        training clips' in the camera's class mix `mix` + the class terms). The guard judges it on the probe set,
+        each step trains on it with running statistics."""
         loss = torch.zeros((), device=self.device)
         if self._stage_source is not None:
             for (mean, var), src in zip(stage_stats, self._stage_source):
                 loss = loss + self.config.stage_weight * stage_distance(mean, var, src)
         if self._source is not None:
-            align = alignment_distance(*emb_stats, self._source)
+            align = alignment_distance(*emb_stats, self._target(mix))
             for term in class_terms:
                 align = align + term
             loss = loss + self.config.align_weight * align
@@ -537,13 +578,14 @@ class Adapter:
     def _mix(self, emb: torch.Tensor, moments: list[torch.Tensor], classes: torch.Tensor):
         """The running statistics once a batch (embeddings [B, C], per-stage token moments [B, 2, C_stage],
         pseudo-labels [B], -1: none) enters them with weight 1 - align_momentum: the embeddings' (mean, var)
-        and the stages' (each None when its term is off), and {class: mean} of the batch's pseudo-labels."""
+        and the stages' (each None when its term is off), {class: mean} of the batch's pseudo-labels, and the
+        class mix (None without class means)."""
         b = self.config.align_momentum
 
         def mix(run: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             return b * run + (1 - b) * new
 
-        running = stages = None
+        running = stages = class_mix = None
         class_means = {}
         if self._stage_source is not None:
             stages = [(mix(run[0], mean), mix(run[1], var))
@@ -553,20 +595,21 @@ class Adapter:
             if self._class_source is not None:
                 class_means = {k: mix(self._running_class[k], emb[classes == k].mean(0))
                                for k in classes[classes >= 0].unique().tolist()}
-        return running, stages, class_means
+                class_mix = mix(self._running_mix, self._class_mix(emb))
+        return running, stages, class_means, class_mix
 
     def _batch_loss(self, emb: torch.Tensor, moments: list[torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
         """A step's alignment loss: `_alignment` of the running statistics this batch gives (`_mix`), each
         pseudo-label's running mean against its class mean among the class terms."""
-        running, stages, class_means = self._mix(emb, moments, classes)
+        running, stages, class_means, class_mix = self._mix(emb, moments, classes)
         return self._alignment(running, stages, (((m - self._class_source[0][k]) ** 2).sum()
-                                                 for k, m in class_means.items()))
+                                                 for k, m in class_means.items()), class_mix)
 
     def _update_running(self, emb: torch.Tensor, moments: list[torch.Tensor], classes: torch.Tensor) -> None:
         """Enter a step's batch (computed without gradients) into the running statistics."""
-        running, stages, class_means = self._mix(emb, moments, classes)
+        running, stages, class_means, class_mix = self._mix(emb, moments, classes)
         if running is not None:
-            self._running = running
+            self._running, self._running_mix = running, class_mix
         if stages is not None:
             self._running_stages = stages
         if class_means:
@@ -666,7 +709,7 @@ class Adapter:
             res = RoundResult(False, "", self.version)
             new_version = self.version
             # a rejected round's batches leave no trace
-            running = self._running, self._running_class, self._running_stages
+            running = self._running, self._running_class, self._running_stages, self._running_mix
             stopped = False
             try:
                 if self._deployed_scores is None:
@@ -731,7 +774,7 @@ class Adapter:
                 self.rejected += not stopped
                 self.mae.load_state_dict(self._deployed)  # the shadow returns to what serves
                 self._make_optimizer()  # moments of a rejected trajectory would push back toward it
-                self._running, self._running_class, self._running_stages = running
+                self._running, self._running_class, self._running_stages, self._running_mix = running
             res.seconds = time.monotonic() - t0
             self.last = res
             if stopped:

@@ -756,6 +756,23 @@ def test_alignment_pulls_the_camera_embeddings_to_the_training_statistics(tmp_pa
     assert load_checkpoint(path).extra["feature_stats"] == stats and load_model(path, device="cpu").feature_stats == stats
 
 
+def test_the_embedding_target_follows_the_cameras_class_mix(tmp_path):
+    """The training clips' (mean, var) hold for their own class mix. A camera showing one action for minutes has
+    other statistics and nothing to correct: aligned to the mix, one round took the embedded model from 92 to 48% on
+    a clean camera that showed only idle. In the training mix the target is the training statistics; for one class,
+    that class's mean and the spread within a class."""
+    adapter, stats = shifted_adapter(tmp_path, align_weight=1.0)
+    assert stats["class_clips"] == [3, 3, 2]  # 8 clips, labels 0, 1, 2, 0, 1, 2, 0, 1
+    prior = torch.tensor([3.0, 3.0, 2.0]) / 8
+    mean, var = adapter._target(prior)
+    torch.testing.assert_close(mean, torch.tensor(stats["mean"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, torch.tensor(stats["var"]), atol=1e-5, rtol=1e-4)
+    mean, var = adapter._target(torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(mean, torch.tensor(stats["class_mean"][1])) and torch.equal(var, adapter._within)
+    assert float(var.sum()) < float(torch.tensor(stats["var"]).sum())  # less the spread between the classes
+    assert adapter._target(None) is adapter._source
+
+
 def stage_part(adapter: Adapter, moments: list[torch.Tensor]) -> float:
     """The stage term of a probe objective, from the probe set's token moments."""
     return sum(adaptation.stage_distance(*adaptation._stage_stats(m), src).item()
