@@ -1,4 +1,5 @@
-"""`hiera-perception eval`: accuracy, per-class accuracy, confusion matrix and clips/s on a data folder.
+"""`hiera-perception eval`: accuracy, per-class accuracy, confusion matrix and clips/s on a data folder (or on a
+rosbag2 of one action, `--bag B --label NAME`).
 
 Every clip goes through `Engine.infer`, the node's own path (crop_resize, normalise, the encoder, the
 labeler), and is sampled on the video's timeline at the model's own `frame_stride_s` (as the node's clip
@@ -33,13 +34,18 @@ log = logging.getLogger(__name__)
 
 def evaluate(
     engine,
-    folder: str | Path,
+    folder: str | Path | None,
     batch: int = 8,
     frame_stride_s: float | None = None,
     clips_per_video: int = 1,
     progress: bool = False,
+    bag: str | Path | None = None,
+    topic: str | None = None,
+    label: str | None = None,
 ) -> dict:
-    """Score `engine` (an `engine.Engine`) on the labelled clips of a data folder; returns the report dict."""
+    """Score `engine` (an `engine.Engine`) on the labelled clips of a data folder, or on a rosbag2 whose clips all
+    show `label` (a bag carries no labels: cut as the node cuts a camera, a new clip every half clip); returns the
+    report dict."""
     from tqdm import tqdm
 
     from hiera_perception.dataset import ClipDataset
@@ -53,15 +59,27 @@ def evaluate(
     if frame_stride_s is not None and not frame_stride_s > 0:
         raise ValueError(f"frame_stride_s must be > 0, got {frame_stride_s}")
     stride = float(frame_stride_s or engine.frame_stride_s)
-    ds = ClipDataset(folder, engine.num_frames, stride, engine.size, clips_per_video=clips_per_video)
-    unknown = sorted(set(ds.classes) - set(names))
-    if unknown:
-        raise ValueError(f"labels {unknown} in {folder} are not classes of model {engine.encoder_version}: {names}")
-    data_labels = ds.labels()  # indices into ds.classes, -1 = unlabelled
-    items = [i for i, y in enumerate(data_labels) if y >= 0]
-    if not items:
-        raise ValueError(f"{folder}: labels.csv gives no labels; nothing to evaluate")
-    truth = [names.index(ds.classes[data_labels[i]]) for i in items]
+    if bag is not None:
+        from hiera_perception.bag import BagClips
+
+        if label not in names:
+            raise ValueError(f"a bag carries no labels: give the action all its clips show (--label), one of the "
+                             f"classes of model {engine.encoder_version}: {names}" + (f"; got {label!r}" if label else ""))
+        ds = BagClips(bag, topic, engine.num_frames, stride, engine.size, hop_s=stride * max(1, engine.num_frames // 2))
+        items, truth, source, videos = list(range(len(ds))), [names.index(label)] * len(ds), bag, 1
+        if not items:
+            raise ValueError(f"bag {bag} is too short for one clip of {engine.num_frames} frames every {stride:.3f} s")
+    else:
+        ds = ClipDataset(folder, engine.num_frames, stride, engine.size, clips_per_video=clips_per_video)
+        unknown = sorted(set(ds.classes) - set(names))
+        if unknown:
+            raise ValueError(f"labels {unknown} in {folder} are not classes of model {engine.encoder_version}: {names}")
+        data_labels = ds.labels()  # indices into ds.classes, -1 = unlabelled
+        items = [i for i, y in enumerate(data_labels) if y >= 0]
+        if not items:
+            raise ValueError(f"{folder}: labels.csv gives no labels; nothing to evaluate")
+        truth = [names.index(ds.classes[data_labels[i]]) for i in items]
+        source, videos = folder, len({ds.items[i // clips_per_video].path for i in items})
 
     K = len(names)
     confusion = np.zeros((K, K), np.int64)  # [true, predicted]
@@ -94,8 +112,8 @@ def evaluate(
         "encoder_version": engine.encoder_version,
         "config": cfg.name,
         "input_size": list(cfg.input_size),
-        "data": str(folder),
-        "videos": len({ds.items[i // clips_per_video].path for i in items}),
+        "data": str(source),
+        "videos": videos,
         "clips": len(items),
         "clips_per_video": clips_per_video,
         "frame_stride_s": stride,
@@ -182,7 +200,11 @@ def draw_confusion(report: dict, path: str | Path, cell: int = 44) -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model file, our checkpoint or config (default: the embedded model)")
     p.add_argument("--arch", default=None, help="config name of an official .pth, e.g. hiera_base_16x224")
-    p.add_argument("--data", required=True, help="data folder (labels.csv beside the videos)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="data folder (labels.csv beside the videos)")
+    src.add_argument("--bag", help="rosbag2 folder (or its .db3/.mcap file) whose clips all show --label")
+    p.add_argument("--topic", default=None, help="image topic in --bag (default: its only image topic)")
+    p.add_argument("--label", default=None, help="with --bag: the action its clips show (a bag carries no labels)")
     p.add_argument("--batch", type=int, default=8, help="clips per forward pass (default 8)")
     p.add_argument("--clips-per-video", type=int, default=1, help="evenly placed clips per video (default 1: the middle)")
     p.add_argument("--frame-stride", type=float, default=None, help="seconds between a clip's frames "
@@ -207,8 +229,10 @@ def main(args: argparse.Namespace) -> int:
             check_writable(path)
     model = load_model(args.model, arch=args.arch, device=args.device)
     engine = Engine(model, args.device, args.precision, top_k=1, prototypes_file=args.prototypes)
+    if args.data is not None and (args.label or args.topic):
+        raise ValueError("--label and --topic go with --bag; a data folder's labels.csv names each clip's label")
     report = evaluate(engine, args.data, args.batch, args.frame_stride, args.clips_per_video,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, bag=args.bag, topic=args.topic, label=args.label)
     report["model"] = str(args.model) if args.model else "(embedded)"
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     if args.out:

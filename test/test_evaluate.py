@@ -73,6 +73,35 @@ def test_cli_json_and_plot(folder, always_wave, tmp_path, capsys):
     assert img is not None and img.shape[0] > 8 * 44 and img.shape[1] > 8 * 44
 
 
+def test_a_bag_of_one_action_is_scored_with_its_label(always_wave, tmp_path, capsys):
+    """DESIGN: a rosbag2 serves wherever a data folder does. A bag carries no labels, so eval takes the one action
+    its clips show (--label), as teach does."""
+    pytest.importorskip("rosbags")
+    from test_bag import write_bag
+
+    from hiera_perception import cli
+
+    rng = np.random.default_rng(4)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(30)]
+    bag = tmp_path / "wave_bag"
+    write_bag(bag, frames, [i / 10 for i in range(30)])  # 3 s at 10 fps, and a /chatter topic beside it
+    engine = Engine(str(always_wave), device="cpu", top_k=1)
+    report = evaluate(engine, None, batch=4, bag=bag, label="wave")
+    # clips of 8 frames 0.1 s apart (0.7 s), a new one every 0.4 s, within 2.9 s: starts 0, 0.4, ..., 2.0
+    assert (report["clips"], report["correct"], report["accuracy"], report["videos"]) == (6, 6, 1.0, 1)
+    assert report["data"] == str(bag) and report["per_class"] == {"wave": {"clips": 6, "correct": 6, "accuracy": 1.0}}
+    assert evaluate(engine, None, bag=bag, label="idle")["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="a bag carries no labels: give the action all its clips show"):
+        evaluate(engine, None, bag=bag)
+    with pytest.raises(ValueError, match="got 'jump'"):
+        evaluate(engine, None, bag=bag, label="jump")
+    argv = ["eval", "--model", str(always_wave), "--bag", str(bag), "--topic", "/camera/image_raw", "--label", "wave",
+            "--json", "--device", "cpu", "--no-progress"]
+    assert cli.main(argv) == 0 and json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+    assert cli.main(["eval", "--model", str(always_wave), "--data", str(tmp_path), "--label", "wave"]) == 1
+    assert "--label and --topic go with --bag" in capsys.readouterr().err
+
+
 def test_bad_output_paths_fail_before_scoring_and_the_module_entry_point_speaks_one_line(folder, always_wave,
                                                                                           tmp_path, monkeypatch):
     import hiera_perception.evaluate as ev
