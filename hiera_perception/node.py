@@ -151,6 +151,7 @@ class PerceptionNode(Node):
         self._top_k = cfg.top_k
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)  # seconds, last frame received -> published
         self._counts = Counter()  # frames, bad, frames_lost, queue_drops, published, inference_errors
+        self._incompatible_qos: str | None = None  # the policy of the last publisher this subscription cannot hear
         self._bad: Counter[str] = Counter()  # bad frames per reason
         self._last_report = (time.monotonic(), Counter(), {})  # (time, counts, buffer counters) at the last report
         self._last_clip = time.monotonic()  # of the last clip published (or of the start)
@@ -172,7 +173,8 @@ class PerceptionNode(Node):
         self._sub = self.create_subscription(
             msg_type, topic, self._on_image, qos_profile_sensor_data,
             qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-            event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_message_lost))
+            event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_message_lost,
+                                                       incompatible_qos=self._on_incompatible_qos))
         self._timer = self.create_timer(cfg.diagnostics_period_s, self._report)
         self._recon_pub = self.create_publisher(Image, "~/reconstruction",
                                                 QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE))
@@ -267,6 +269,16 @@ class PerceptionNode(Node):
                 self._queue.append(clip)
             if clips:
                 self._cond.notify()
+
+    def _on_incompatible_qos(self, info: Any) -> None:
+        """A publisher on the input topic this subscription cannot hear (a best-effort camera against a reliable
+        override, say): its frames never arrive, and /diagnostics says why instead of asking if it publishes."""
+        policy = getattr(info.last_policy_kind, "name", str(info.last_policy_kind)).removeprefix("RMW_QOS_POLICY_")
+        with self._cond:
+            self._incompatible_qos = policy
+        self.get_logger().warning(
+            f"a publisher on {self._sub.topic_name} offers QoS incompatible with this subscription ({policy}): none of "
+            f"its frames can arrive; match it with qos_overrides.{self._sub.topic_name}.subscription.*")
 
     def _on_message_lost(self, info: Any) -> None:
         """Frames the middleware reports lost before they reached us (best effort input under load)."""
@@ -534,7 +546,9 @@ class PerceptionNode(Node):
             problems.append("every frame had its predecessor's stamp: is the camera stamping its frames?")
         frame_age, clip_age = now - self._last_frame, now - max(last_clip, self._frames_since)
         if frame_age > self._stale_s:
-            problems.append(f"no frame on {self._sub.topic_name} for {frame_age:.0f} s: is the camera publishing?")
+            why = (f"a publisher there offers incompatible QoS ({self._incompatible_qos}): see qos_overrides"
+                   if self._incompatible_qos else "is the camera publishing?")
+            problems.append(f"no frame on {self._sub.topic_name} for {frame_age:.0f} s: {why}")
         elif clip_age > self._stale_s:
             resets = buffer["resets"] - buffer_before.get("resets", 0)
             problems.append(f"frames arrive but no clip was published for {clip_age:.0f} s" + (

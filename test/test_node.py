@@ -160,6 +160,38 @@ def test_without_a_camera_teach_answers_and_diagnostics_warn(checkpoint, tmp_pat
     assert rc == 0, log.read_text()
 
 
+def test_a_publisher_it_cannot_hear_is_named_in_diagnostics(checkpoint, tmp_path):
+    """A best-effort camera against a reliable subscription (an override): no frame ever arrives, and /diagnostics
+    asked whether the camera publishes. It names the QoS mismatch and where to change it."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    try:
+        from rclpy.event_handler import PublisherEventCallbacks
+    except ImportError:  # Humble
+        from rclpy.qos_event import PublisherEventCallbacks
+    params = rh.write_params(tmp_path / "params.yaml", rh.node_params(checkpoint), qos_reliable_depth=10)
+    log = tmp_path / "node.log"
+    proc = rh.start_node(["--ros-args", "--params-file", str(params)], rh.ros_env(DOMAIN), log)
+    harness = rh.Harness(DOMAIN)
+    try:
+        harness.wait_connected(proc)
+        camera = harness.node.create_publisher(  # rclpy's own report of the mismatch here is a DeprecationWarning
+            Image, "/image", QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT),
+            event_callbacks=PublisherEventCallbacks(incompatible_qos=lambda info: None))
+
+        def named() -> bool:
+            camera.publish(rh.image_msg(rh.rgb_frame(0), rh.T0_NS))
+            return any(lv == 1 and "offers incompatible QoS (RELIABILITY): see qos_overrides" in m
+                       for lv, m, _ in harness.diagnostics)
+        assert harness.spin_until(named, 30, proc), (harness.diagnostics[-3:], log.read_text()[-2000:])
+        assert harness.last_diagnostics()["frames_received"] == "0"
+    finally:
+        harness.close()
+        rh.stop(proc)
+    assert "offers QoS incompatible with this subscription (RELIABILITY)" in log.read_text()
+
+
 def test_diagnostics_warn_while_frames_or_clips_stop_and_recover(checkpoint, tmp_path):
     """WARN when the camera goes quiet after its first frames, and when frames come but form no clip (every stamp
     jumps past max_gap_s, so each frame restarts the clip); OK again as soon as clips flow."""
