@@ -370,12 +370,9 @@ class Adapter:
                 dim = len(self.feature_stats["mean"])
                 means = torch.tensor([m or [0.0] * dim for m in class_mean], device=self.device)
                 self._class_source = (means, known)
-                # The (mean, var) target holds for the training clips' class mix (balanced: each known class
-                # alike). A camera showing other proportions, one action for minutes, has other statistics with
-                # nothing to correct: aligned to the mix, one round took the embedded model on a clean camera that
-                # showed only idle from 92 to 48% on its own clips. So the target is that of the camera's class mix
-                # (`_target`): each class keeps its training mean, and the spread within a class is what the
-                # training variance leaves once the class means' spread is taken out.
+                # The (mean, var) target holds for the training clips' class mix; the camera's is another (module
+                # docstring), so `_target` rebuilds it for any mix: each class keeps its training mean, and the
+                # spread within a class is what the training variance leaves once the class means' spread is out.
                 clips = self.feature_stats.get("class_clips")  # the mix itself; older files: balanced
                 prior = (torch.tensor(clips, dtype=torch.float32, device=self.device) if clips and len(clips) == len(
                     class_mean) else known.float())

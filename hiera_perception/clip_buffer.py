@@ -65,7 +65,7 @@ import numpy as np
 
 from .preprocess import crop_resize
 
-__all__ = ["Clip", "ClipBuffer", "STAMP_TOLERANCE_S", "EARLY_MARGIN", "EARLY_WINDOW", "EARLY_SAFETY"]
+__all__ = ["Clip", "ClipBuffer", "STAMP_TOLERANCE_S", "EARLY_MARGIN", "EARLY_WINDOW", "EARLY_SAFETY", "half_clip_hop"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ STAMP_TOLERANCE_S = 1e-6
 EARLY_MARGIN = (0.05, 0.25)
 EARLY_WINDOW = 30
 EARLY_SAFETY = 1.5
+
+
+def half_clip_hop(num_frames: int, frame_stride_s: float) -> float:
+    """A new clip every half clip, at least every frame stride: how `run` and `eval --bag` cut a recording."""
+    return max(frame_stride_s, frame_stride_s * num_frames / 2)
 
 
 @dataclass(frozen=True)

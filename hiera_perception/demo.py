@@ -420,9 +420,8 @@ def _check_node_parameter(name: str) -> None:
     from hiera_perception.node_config import PARAMETERS  # torch: only when --param is used
     from hiera_perception.ros_params import unknown_parameter
 
-    if problem := unknown_parameter(name, PARAMETERS):
-        raise ValueError(f"--param {problem.replace('this node', 'the perception node')}"
-                         + ("" if "did you mean" in problem else " (see config/perception.yaml)"))
+    if problem := unknown_parameter(name, PARAMETERS, "the perception node"):
+        raise ValueError(f"--param {problem}" + ("" if problem.endswith("?)") else " (see config/perception.yaml)"))
 
 
 @contextlib.contextmanager

@@ -61,11 +61,12 @@ def evaluate(
     stride = float(frame_stride_s or engine.frame_stride_s)
     if bag is not None:
         from hiera_perception.bag import BagClips
+        from hiera_perception.clip_buffer import half_clip_hop
 
         if label not in names:
             raise ValueError(f"a bag carries no labels: give the action all its clips show (--label), one of the "
                              f"classes of model {engine.encoder_version}: {names}" + (f"; got {label!r}" if label else ""))
-        ds = BagClips(bag, topic, engine.num_frames, stride, engine.size, hop_s=stride * max(1, engine.num_frames // 2))
+        ds = BagClips(bag, topic, engine.num_frames, stride, engine.size, hop_s=half_clip_hop(engine.num_frames, stride))
         items, truth, source, videos = list(range(len(ds))), [names.index(label)] * len(ds), bag, 1
         if not items:
             raise ValueError(f"bag {bag} is too short for one clip of {engine.num_frames} frames every {stride:.3f} s")

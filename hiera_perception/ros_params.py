@@ -52,7 +52,7 @@ def declare_all(node: Node, table: dict[str, tuple[Any, ParameterDescriptor]],
     return {name: node.get_parameter(name).value for name in table}
 
 
-def unknown_parameter(name: str, known: Iterable[str]) -> str | None:
+def unknown_parameter(name: str, known: Iterable[str], node: str = "this node") -> str | None:
     """None for a parameter of the node (its own, one rclpy declares on every node, a QoS override), else why it
     is not one, with the close matches: ROS ignores such a name silently, so a misspelling would go unnoticed."""
     known = list(known)
@@ -62,7 +62,7 @@ def unknown_parameter(name: str, known: Iterable[str]) -> str | None:
     siblings = {k[len(group) + 1:]: k for k in known if group and k.startswith(group + ".")}
     close = ([siblings[m] for m in difflib.get_close_matches(last, siblings, n=3)] if siblings
              else difflib.get_close_matches(name, known, n=3))
-    return f"{name}: not a parameter of this node" + (f" (did you mean {', '.join(close)}?)" if close else "")
+    return f"{name}: not a parameter of {node}" + (f" (did you mean {', '.join(close)}?)" if close else "")
 
 
 def warn_unknown_parameters(node: Node) -> list[str]:

@@ -134,7 +134,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from hiera_perception.checkpoint import load_model
-    from hiera_perception.clip_buffer import ClipBuffer
+    from hiera_perception.clip_buffer import ClipBuffer, half_clip_hop
     from hiera_perception.engine import Engine
 
     if args.batch < 1:
@@ -146,7 +146,7 @@ def main(args) -> int:
     engine = Engine(load_model(args.model, arch=args.arch, device=args.device), args.device, args.precision, args.top_k,
                     prototypes_file=args.prototypes)
     stride = args.frame_stride or engine.frame_stride_s
-    hop = args.hop or max(stride, stride * engine.num_frames / 2)
+    hop = args.hop or half_clip_hop(engine.num_frames, stride)
     cap, fps = _open(args.video)
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     cap.release()
